@@ -1,0 +1,322 @@
+"""Run configuration: typed dataclasses, a YAML file and dotted CLI overrides.
+
+The dataclass defaults are the published FDFO recipe for SD3.5 Medium
+(ALGORITHM.md §4-5). The built-in CPU default job is a preset on top of them
+(``fdfo.presets.DIGITS``), mirrored by ``configs/digits.yaml``.
+
+Every unknown key or badly typed value is a ``ConfigError`` that names the key
+and lists what is valid, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and how to fix it."""
+
+
+def _choices(*options: str) -> dict:
+    return {"choices": options}
+
+
+@dataclass
+class ModelConfig:
+    # A diffusers StableDiffusion3Pipeline directory, a hub id, or "builtin:digits"
+    # (the CPU default's base model, pretrained and cached on first use).
+    path: str = "stabilityai/stable-diffusion-3.5-medium"
+    revision: str | None = None
+    # Frozen parts' dtype: "auto" = bf16 on GPU, fp32 on CPU.
+    dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
+    max_sequence_length: int = 128  # T5 tokens
+    resolution: int = 512  # image side in pixels
+    cache_dir: str | None = None  # where builtin models are kept (default ~/.cache/fdfo)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # false = full fine-tuning of the transformer
+    rank: int = 32
+    alpha: float = 64.0
+    init: str = field(default="gaussian", metadata=_choices("gaussian", "default"))
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "to_q", "to_k", "to_v", "to_out.0",
+            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        ]
+    )
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 40  # solver steps T
+    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance
+    shift: float | None = None  # None = the scheduler's configured shift (3.0 for SD3.5)
+    churn_schedule: str = field(default="raw", metadata=_choices("raw", "first", "logit_normal"))
+    churn_weight: float = 0.0025
+    churn_logit_mean: float = 0.0  # logit_normal schedule: location of the churned time
+    churn_logit_std: float = 1.0
+    micro_batch_pairs: int = 3  # pairs per sampling forward (2x rows)
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    pairs_per_epoch: int = 432  # over all ranks
+    optimizer_steps_per_epoch: int = 4
+    micro_batch_rows: int = 6  # training elements per forward/backward
+    learning_rate: float = 3e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    clip_range: float = 0.03
+    kl_weight: float = 0.0
+    seed: int = 0
+    kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+    offload_text_encoders: bool = True  # move text encoders to CPU while training (GPU only)
+
+
+@dataclass
+class DataConfig:
+    # A text file with one prompt per line, or "builtin:digits".
+    prompts: str = "builtin:digits"
+    eval_prompts: str | None = None  # default: the training prompts
+
+
+@dataclass
+class RewardConfig:
+    # name -> weight; the reward is the weighted sum (ALGORITHM.md §2).
+    weights: dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0, "vlm_alignment": 0.1})
+    # name -> weights path (directory or hub id); "builtin" for the digits task's models.
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # epochs; 0 = never
+    num_images: int = 64
+    seed: int = 1234
+    # Rewards/metrics averaged over a fixed, deterministic (no churn) evaluation set.
+    metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/sd35"
+    plot_every: int = 5  # epochs between reward-curve and sample-grid PNGs; 0 = never
+    grid_pairs: int = 8
+    wandb: bool = False
+    wandb_project: str = "fdfo"
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5  # epochs; 0 = never
+    keep_last: int = 0  # 0 = keep all
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
+    config: str | None = None  # optional DeepSpeed JSON whose entries are merged in
+
+
+@dataclass
+class RunConfig:
+    name: str = "sd35-medium-fdfo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, value, inner[0], meta)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = value
+        else:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        else:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _check_value(f"{key}.{k}", v, args[1], {}) for k, v in value.items()}
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(map(str, choices))}")
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{full}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                f"{', '.join(sorted(fields))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give a mapping of its keys "
+                                  f"({', '.join(f.name for f in dataclasses.fields(current))})")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_value(full, value, hints[key], fields[key].metadata))
+
+
+def _validate(cfg: RunConfig) -> None:
+    """Cross-field checks: positive sizes and a divisible epoch layout."""
+    positive = {
+        "train.epochs": cfg.train.epochs, "train.pairs_per_epoch": cfg.train.pairs_per_epoch,
+        "train.optimizer_steps_per_epoch": cfg.train.optimizer_steps_per_epoch,
+        "train.micro_batch_rows": cfg.train.micro_batch_rows, "sampling.steps": cfg.sampling.steps,
+        "sampling.micro_batch_pairs": cfg.sampling.micro_batch_pairs, "lora.rank": cfg.lora.rank,
+        "train.learning_rate": cfg.train.learning_rate, "train.clip_range": cfg.train.clip_range,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value!r}")
+    for key in ("train.kl_weight", "sampling.churn_weight", "train.weight_decay", "train.grad_clip"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0")
+    if not cfg.reward.weights:
+        raise ConfigError("config key 'reward.weights' is empty; name at least one reward, e.g. {pickscore: 1.0}")
+
+
+def epoch_layout(cfg: RunConfig, world_size: int) -> dict:
+    """Pairs per rank and gradient-accumulation steps; raises ConfigError if they do not divide.
+
+    Every rank samples the same number of pairs (so that every rank runs the same
+    sequence of forwards and collectives), and each optimizer step averages the
+    gradients of ``elements_per_step`` (trajectory, timestep) elements.
+    """
+    t = cfg.train
+    if t.pairs_per_epoch % world_size:
+        raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
+                          f"world size {world_size}")
+    pairs_per_rank = t.pairs_per_epoch // world_size
+    elements_per_rank = 2 * pairs_per_rank * cfg.sampling.steps
+    if elements_per_rank % t.optimizer_steps_per_epoch:
+        raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x sampling.steps ({cfg.sampling.steps}) "
+                          f"= {elements_per_rank} training elements must divide into "
+                          f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
+    per_step = elements_per_rank // t.optimizer_steps_per_epoch
+    if per_step % t.micro_batch_rows:
+        divisors = [m for m in range(1, min(per_step, 64) + 1) if per_step % m == 0]
+        raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
+                          f"of each optimizer step per rank; valid values up to 64: {divisors}")
+    return {
+        "pairs_per_rank": pairs_per_rank,
+        "elements_per_rank": elements_per_rank,
+        "elements_per_step": per_step,
+        "grad_accum": per_step // t.micro_batch_rows,
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.learning_rate', '1e-4', '--log.wandb=true']`` -> nested dict."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '--{key}' has no value")
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '--{key}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(base: dict | None = None, *layers: dict) -> RunConfig:
+    """Defaults, then ``base`` (a preset or YAML file), then each override layer; validated."""
+    cfg = RunConfig()
+    for layer in (base or {}), *layers:
+        _apply(cfg, layer)
+    _validate(cfg)
+    return cfg

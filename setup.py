@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="fdfo",
+    version="0.1.0",
+    description="Finite Difference Flow Optimization: online RL post-training of flow-matching text-to-image models",
+    packages=["fdfo", "fdfo.models", "fdfo.rewards", "fdfo.kernels"],
+    package_dir={"fdfo.kernels": "kernels"},
+    package_data={"fdfo": ["../configs/*.yaml", "../configs/ds/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # A range, not a pin: GPU users bring their own CUDA build of torch.
+        "torch>=2.4",
+        "diffusers>=0.32",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "deepspeed>=0.16",
+        "safetensors>=0.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "pillow",
+        "matplotlib",
+        "nvidia-ml-py",
+        "sentencepiece",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        "flash": ["flash-attn>=2.6"],
+        "vlm": ["qwen-vl-utils"],
+        "logging": ["wandb", "tensorboard"],
+    },
+)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random SD3 pipelines and quickly trained digit reward models.
+
+Everything is built offline at tiny size and written with ``save_pretrained``,
+so tests load it through the same ``from_pretrained`` code as real runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny SD3 pipeline (transformer, VAE, 2 CLIP encoders, T5) saved with save_pretrained."""
+    from fdfo.models.tiny import build_tiny_sd3_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_sd3")
+    build_tiny_sd3_pipeline(sample_size=8, in_channels=4, max_text_tokens=16, seed=0).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_reward_dir(tmp_path_factory):
+    """Digit classifier + judge, trained briefly (enough to score real digits sensibly)."""
+    from fdfo.digits import build_reward_models
+
+    out = tmp_path_factory.mktemp("digit_rewards")
+    build_reward_models(out, seed=0, progress=False, classifier_steps=150)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """No test may read or fill the user's ~/.cache/fdfo."""
+    monkeypatch.setenv("FDFO_CACHE", str(tmp_path / "fdfo-cache"))
