@@ -168,11 +168,14 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = value
-        else:
+        if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
         else:

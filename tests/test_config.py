@@ -1,0 +1,84 @@
+"""Configuration: published defaults, YAML + CLI overrides, and errors that name the problem."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fdfo.config import ConfigError, RunConfig, build_config, epoch_layout, load_yaml, parse_overrides
+from fdfo.presets import DIGITS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_published_recipe():
+    cfg = RunConfig()
+    assert cfg.train.learning_rate == 3e-5 and cfg.train.weight_decay == 1e-4
+    assert (cfg.train.adam_beta1, cfg.train.adam_beta2, cfg.train.adam_eps) == (0.9, 0.999, 1e-8)
+    assert cfg.train.grad_clip == 1.0 and cfg.train.clip_range == 0.03 and cfg.train.kl_weight == 0.0
+    assert cfg.train.pairs_per_epoch == 432 and cfg.train.optimizer_steps_per_epoch == 4
+    assert cfg.sampling.steps == 40 and cfg.sampling.churn_weight == 0.0025 and cfg.sampling.guidance_scale == 1.0
+    assert cfg.lora.rank == 32 and cfg.lora.alpha == 64 and cfg.lora.init == "gaussian"
+    assert set(cfg.lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out"}
+    assert cfg.checkpoint.every == 5 and cfg.model.resolution == 512 and cfg.model.max_sequence_length == 128
+    assert cfg.reward.weights == {"pickscore": 1.0, "vlm_alignment": 0.1}
+
+
+def test_overrides_and_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"learning_rate": 1e-4, "epochs": 3}, "log": {"wandb": True}}))
+    cfg = build_config(load_yaml(path), parse_overrides(["--train.learning_rate", "2e-4", "--sampling.steps=20",
+                                                         "--lora.target_modules", "to_q,to_k"]))
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.epochs == 3 and cfg.log.wandb is True
+    assert cfg.sampling.steps == 20 and cfg.lora.target_modules == ["to_q", "to_k"]
+    assert isinstance(build_config({"train": {"learning_rate": 1}}).train.learning_rate, float)
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.learning_rte'.*learning_rate"):
+        build_config({}, parse_overrides(["--train.learning_rte", "1e-4"]))
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*train"):
+        build_config({"trian": {}})
+
+
+@pytest.mark.parametrize("override, match", [
+    (["--train.epochs", "ten"], r"'train.epochs' must be an integer"),
+    (["--train.learning_rate", "fast"], r"'train.learning_rate' must be a number"),
+    (["--sampling.churn_schedule", "cosine"], r"valid values: raw, first, logit_normal"),
+    (["--log.wandb", "maybe"], r"'log.wandb' must be true or false"),
+    (["--train.learning_rate", "-1"], r"'train.learning_rate' must be positive"),
+    (["--train", "3"], r"'train' is a section"),
+    (["--train.epochs"], r"has no value"),
+])
+def test_bad_values_are_named(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({}, parse_overrides(override))
+
+
+def test_epoch_layout_divisibility():
+    cfg = build_config(DIGITS)
+    layout = epoch_layout(cfg, world_size=1)
+    assert layout["elements_per_rank"] == 2 * 64 * 10 and layout["grad_accum"] * 80 * 4 == 1280
+    bad = build_config(DIGITS, {"train": {"micro_batch_rows": 7}})
+    with pytest.raises(ConfigError, match=r"micro_batch_rows=7 must divide the 320 elements.*valid values"):
+        epoch_layout(bad, 1)
+    with pytest.raises(ConfigError, match="divisible by the world size 3"):
+        epoch_layout(cfg, 3)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+
+
+def test_shipped_configs_load_and_digits_yaml_mirrors_the_preset():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        build_config(load_yaml(path))
+    assert build_config(load_yaml(ROOT / "configs" / "digits.yaml")) == build_config(DIGITS)
