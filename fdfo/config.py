@@ -239,6 +239,10 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 0")
     if not cfg.reward.weights:
         raise ConfigError("config key 'reward.weights' is empty; name at least one reward, e.g. {pickscore: 1.0}")
+    stray = sorted(set(cfg.reward.paths) - set(cfg.reward.weights) - set(cfg.eval.metrics))
+    if stray:
+        raise ConfigError(f"config key 'reward.paths' names {stray}, which is neither in reward.weights nor in "
+                          f"eval.metrics ({', '.join(sorted(set(cfg.reward.weights) | set(cfg.eval.metrics)))})")
 
 
 def epoch_layout(cfg: RunConfig, world_size: int) -> dict:

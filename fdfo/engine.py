@@ -133,7 +133,7 @@ class Engine:
                                     exclude_frozen_parameters=True)
         if self.rank == 0:
             if self.cfg.lora.enabled:
-                self.model.save_lora(tmp / ADAPTER_DIR, self.model.lora_state_dict())
+                self.model.save_lora(tmp / ADAPTER_DIR)
             else:
                 self.model.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
             (tmp / "trainer.json").write_text(json.dumps(

@@ -200,9 +200,14 @@ class SD3FlowModel:
 
         return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
-    @staticmethod
-    def save_lora(directory: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
+    def lora_metadata(self) -> dict:
+        """The adapter's peft config (rank, alpha, targets): without it a loader would assume alpha = rank."""
+        return self.transformer.peft_config["default"].to_dict()
+
+    def save_lora(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Writes pytorch_lora_weights.safetensors that StableDiffusion3Pipeline.load_lora_weights(dir) loads."""
         from diffusers import StableDiffusion3Pipeline
 
-        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=state_dict)
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(directory), transformer_lora_layers=state_dict if state_dict is not None else self.lora_state_dict(),
+            transformer_lora_adapter_metadata=self.lora_metadata())

@@ -66,9 +66,5 @@ class WeightedReward:
 
 def build_weighted_reward(weights: dict[str, float], paths: dict[str, str], device: torch.device,
                           cache_dir: str | None = None) -> WeightedReward:
-    unknown = set(paths) - set(weights)
-    if unknown:
-        raise ValueError(f"reward.paths names {sorted(unknown)} which are not in reward.weights "
-                         f"({', '.join(sorted(weights))})")
     return WeightedReward({name: (w, build_reward(name, paths.get(name), device, cache_dir))
                            for name, w in weights.items()})

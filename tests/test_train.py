@@ -1,0 +1,175 @@
+"""End-to-end training of a tiny SD3 pipeline loaded with from_pretrained: epochs, checkpoints,
+exact resume, adapter export, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdfo.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_run(out_dir, pipeline_dir, reward_dir, **sections):
+    overrides = {
+        "name": "tiny",
+        "model": {"path": str(pipeline_dir), "resolution": 16, "max_sequence_length": 16},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "sampling": {"steps": 4, "micro_batch_pairs": 2},
+        "train": {"epochs": 2, "pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2, "micro_batch_rows": 4,
+                  "learning_rate": 1e-3},
+        "data": {"prompts": "builtin:digits"},
+        "reward": {"weights": {"digit_probability": 1.0}},
+        "eval": {"every": 1, "num_images": 6, "metrics": ["digit_judge_accuracy"]},
+        "log": {"out_dir": str(out_dir), "plot_every": 1, "grid_pairs": 2, "progress": False},
+        "checkpoint": {"every": 1},
+    }
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    names = set(overrides["reward"]["weights"]) | set(overrides["eval"]["metrics"])
+    overrides["reward"].setdefault("paths", {n: str(reward_dir) for n in names if n.startswith("digit_")})
+    return build_config(overrides)
+
+
+def lora_weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.lora_state_dict().items()}
+
+
+KEYS = ("reward_mean", "reward_std", "policy_loss", "clipfrac", "ratio", "grad_norm", "loss")
+
+
+def test_two_epochs_checkpoint_exact_resume_and_adapter(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    from fdfo.trainer import Trainer
+
+    a = Trainer(tiny_run(tmp_path / "a", tiny_pipeline_dir, digit_reward_dir))
+    start = lora_weights(a)
+    history = a.run()
+    final_a = lora_weights(a)
+    assert any(not torch.equal(start[k], final_a[k]) for k in start), "training did not change the adapter"
+
+    run = tmp_path / "a"
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    evals = [r for r in history if r["kind"] == "eval"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["epoch"] for r in evals] == [0, 1, 2]
+    assert all(0 <= r["eval/digit_judge_accuracy"] <= 1 for r in evals)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "step" for r in lines) == 4  # 2 optimizer steps x 2 epochs
+    assert all(k in lines[-1] or lines[-1]["kind"] != "epoch" for k in ("pairs_per_s", "policy_loss"))
+    assert (run / "reward_curve.png").is_file() and (run / "samples" / "epoch_0002.png").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "epoch_0002"
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+    # Resume from epoch 1 into a new directory: epoch 2 must repeat exactly.
+    b = Trainer(tiny_run(tmp_path / "b", tiny_pipeline_dir, digit_reward_dir),
+                resume=str(run / "checkpoints" / "epoch_0001"))
+    assert b.epoch == 1
+    history_b = b.run()
+    final_b = lora_weights(b)
+    for k in final_a:
+        torch.testing.assert_close(final_b[k], final_a[k], rtol=0, atol=0)
+    ep2_a = next(r for r in history if r["kind"] == "epoch" and r["epoch"] == 2)
+    ep2_b = next(r for r in history_b if r["kind"] == "epoch" and r["epoch"] == 2)
+    for k in KEYS:
+        assert ep2_a.get(k) == ep2_b.get(k), k
+
+    # The exported adapter loads into a stock diffusers pipeline and reproduces the trained transformer.
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_pipeline_dir))
+    pipe.load_lora_weights(str(run / "checkpoints" / "epoch_0002" / "adapter"))
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, *b.model.latent_shape, generator=g), torch.rand(2, generator=g)
+    cond = b.model.encode(["a handwritten digit one", "a handwritten digit two"])
+    with torch.no_grad():
+        expected = b.model.velocity(x, sigma, cond)
+        got = pipe.transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=cond.embeds,
+                               pooled_projections=cond.pooled, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_rewards_skip_the_batch_and_checkpoints_stay_finite(tmp_path, tiny_pipeline_dir, digit_reward_dir,
+                                                               monkeypatch):
+    from fdfo import rewards
+    from fdfo.trainer import Trainer
+
+    def nan_reward(path, cache_dir, device):
+        def score(prompts, images):
+            out = torch.rand(len(prompts))
+            out[1] = float("nan")
+            return out
+        return score
+
+    monkeypatch.setitem(rewards.REGISTRY, "nan_reward", nan_reward)
+    cfg = tiny_run(tmp_path / "n", tiny_pipeline_dir, digit_reward_dir, train={"epochs": 1},
+                   reward={"weights": {"nan_reward": 1.0}, "paths": {}}, eval={"every": 0, "metrics": []})
+    t = Trainer(cfg)
+    before = lora_weights(t)
+    with pytest.warns(UserWarning, match="non-finite reward"):
+        history = t.run()
+    (epoch,) = [r for r in history if r["kind"] == "epoch"]
+    assert epoch["skipped"] is True and epoch["nonfinite_rewards"] == 1
+    after = lora_weights(t)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ckpt = tmp_path / "n" / "checkpoints" / "epoch_0001" / "adapter" / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpt)).values())
+
+
+def test_empty_and_missing_prompt_files(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    from fdfo.prompts import load_prompts
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n# only a comment\n")
+    with pytest.raises(ValueError, match="holds no prompts; put one prompt per line"):
+        load_prompts(str(empty))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(str(tmp_path / "nope.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"a cat\nna\xefve\n")
+    with pytest.raises(ValueError, match="not UTF-8 text \\(bad byte on line 2\\)"):
+        load_prompts(str(bad))
+    good = tmp_path / "good.txt"
+    good.write_text("a cat\n\n a dog \n")
+    assert load_prompts(str(good)) == ["a cat", "a dog"]
+
+
+def test_cli_reports_config_errors(capsys):
+    from fdfo.train import main
+
+    assert main(["--train.learning_rte", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.learning_rte'" in err and "learning_rate" in err
+    assert main(["--print-config", "--train.epochs", "3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_cli_reports_a_missing_model_path(tmp_path, capsys):
+    from fdfo.train import main
+
+    rc = main(["--model.path", str(tmp_path / "missing-model"), "--log.out_dir", str(tmp_path / "r"),
+               "--log.progress", "false"])
+    assert rc == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_deepspeed_launcher_runs_the_entry_point(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    """`deepspeed fdfo/train.py --config ...` end to end (one rank on this machine's accelerator or CPU)."""
+    import yaml
+
+    cfg = tiny_run(tmp_path / "ds", tiny_pipeline_dir, digit_reward_dir, train={"epochs": 1},
+                   eval={"every": 0, "metrics": []}, checkpoint={"every": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    port = str(29500 + os.getpid() % 1000)
+    proc = subprocess.run([str(launcher), "--num_gpus", "1", "--master_port", port, "fdfo/train.py",
+                           "--config", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ds" / "checkpoints" / "epoch_0001" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
