@@ -9,7 +9,7 @@ measures prompt accuracy on a fixed evaluation set.
 
 DIGITS = {
     "name": "digits-fdfo",
-    "model": {"path": "builtin:digits", "max_sequence_length": 32, "resolution": 16},
+    "model": {"path": "builtin:digits", "max_sequence_length": 4, "resolution": 16},
     "lora": {"rank": 16, "alpha": 32.0},
     "sampling": {"steps": 10, "micro_batch_pairs": 32},
     "train": {

@@ -13,7 +13,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[fdfo] setting up $venv (first run only, about two minutes)" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+pip=(pip_quiet "$venv/bin/python" -m pip install --disable-pip-version-check -q)
+pip_quiet() {  # pip warns about every unreachable local index; keep the real messages only
+  "$@" 2> >(grep -v "WARNING: Location .* is ignored" >&2)
+}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   # No GPU: pin the CPU wheel of torch for every pip call below.
   export PIP_CONSTRAINT="$root/constraints-cpu.txt"
