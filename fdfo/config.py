@@ -70,6 +70,7 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig:
+    algorithm: str = field(default="fdfo", metadata=_choices("fdfo", "flow_grpo"))
     epochs: int = 100
     pairs_per_epoch: int = 432  # over all ranks
     optimizer_steps_per_epoch: int = 4
@@ -85,6 +86,20 @@ class TrainConfig:
     seed: int = 0
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
     offload_text_encoders: bool = True  # move text encoders to CPU while training (GPU only)
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO baseline (train.algorithm: flow_grpo), as its public code configures it."""
+
+    noise_level: float = 0.7  # a in σ_t = a·sqrt(σ/(1−σ))
+    group_size: int = 24  # images per prompt
+    groups_per_epoch: int = 48  # over all ranks
+    clip_range: float = 1e-4  # PPO clip
+    kl_beta: float = 0.01  # β·‖μ_θ − μ_ref‖²/(2σ_t²); 0 = no KL
+    adv_clip: float = 5.0
+    train_steps: int | None = None  # leading SDE steps trained per trajectory; None = all but the last
+    optimizer_steps_per_epoch: int = 2
 
 
 @dataclass
@@ -141,6 +156,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -253,6 +269,8 @@ def epoch_layout(cfg: RunConfig, world_size: int) -> dict:
     gradients of ``elements_per_step`` (trajectory, timestep) elements.
     """
     t = cfg.train
+    if t.algorithm == "flow_grpo":
+        return _grpo_layout(cfg, world_size)
     if t.pairs_per_epoch % world_size:
         raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
                           f"world size {world_size}")
@@ -268,11 +286,36 @@ def epoch_layout(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
                           f"of each optimizer step per rank; valid values up to 64: {divisors}")
     return {
+        "optimizer_steps": t.optimizer_steps_per_epoch,
         "pairs_per_rank": pairs_per_rank,
         "elements_per_rank": elements_per_rank,
         "elements_per_step": per_step,
         "grad_accum": per_step // t.micro_batch_rows,
     }
+
+
+def grpo_train_steps(cfg: RunConfig) -> int:
+    T = cfg.sampling.steps
+    n = cfg.grpo.train_steps if cfg.grpo.train_steps is not None else max(T - 1, 1)
+    if not 1 <= n <= T:
+        raise ConfigError(f"grpo.train_steps={n} must lie in 1..sampling.steps ({T})")
+    return n
+
+
+def _grpo_layout(cfg: RunConfig, world_size: int) -> dict:
+    g, mb = cfg.grpo, cfg.train.micro_batch_rows
+    if g.groups_per_epoch % world_size:
+        raise ConfigError(f"grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size {world_size}")
+    images = g.groups_per_epoch // world_size * g.group_size
+    elements = images * grpo_train_steps(cfg)
+    if elements % g.optimizer_steps_per_epoch or (elements // g.optimizer_steps_per_epoch) % mb:
+        raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x grpo.train_steps) must split "
+                          f"into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} steps of "
+                          f"train.micro_batch_rows={mb}")
+    per_step = elements // g.optimizer_steps_per_epoch
+    return {"images_per_rank": images, "groups_per_rank": g.groups_per_epoch // world_size,
+            "elements_per_rank": elements, "elements_per_step": per_step, "grad_accum": per_step // mb,
+            "optimizer_steps": g.optimizer_steps_per_epoch}
 
 
 # --------------------------------------------------------------------------- loading

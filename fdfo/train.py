@@ -28,6 +28,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--config", help="YAML run config (default: the built-in digits job)")
     parser.add_argument("--resume", nargs="?", const="auto",
                         help="checkpoint directory, or 'auto' (default when given bare) for the run's latest")
+    parser.add_argument("--algorithm", choices=("fdfo", "flow_grpo"),
+                        help="shorthand for --train.algorithm (flow_grpo: the Flow-GRPO baseline)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         base = load_yaml(args.config) if args.config else DIGITS
-        cfg = build_config(base, parse_overrides(rest))
+        cli = parse_overrides(rest)
+        if args.algorithm:
+            cli.setdefault("train", {})["algorithm"] = args.algorithm
+        cfg = build_config(base, cli)
     except ConfigError as exc:
         print(f"fdfo: config error: {exc}", file=sys.stderr)
         return 2

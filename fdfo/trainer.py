@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fdfo.config import RunConfig, epoch_layout
+from fdfo.config import RunConfig, epoch_layout, grpo_train_steps
 from fdfo.engine import Engine, find_checkpoint, setup_distributed
+from fdfo.flow_grpo import gaussian_logp, group_advantages, grpo_loss, sample_sde, sde_coefficients
 from fdfo.loss import fdfo_loss, pair_delta
 from fdfo.models import Conditioning, load_flow_model, resolve_model_path
 from fdfo.prompts import load_prompts
@@ -149,19 +150,43 @@ class Trainer:
         return dict(prompts=prompts, row_prompts=row_prompts, cond=cond, xs=torch.cat(xs), vs=torch.cat(vs),
                     x0=x0, images=images, rewards=rewards.to(self.device), reward_parts=parts)
 
+    def sample_epoch_grpo(self, epoch: int) -> dict:
+        """Flow-GRPO: groups of G independent SDE trajectories per prompt, with per-step log-probabilities."""
+        cfg, G = self.cfg, self.cfg.grpo.group_size
+        n_groups = self.layout["groups_per_rank"]
+        gen_cpu = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 0))
+        gen_dev = torch.Generator(self.device).manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 1))
+        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n_groups,), generator=gen_cpu).tolist()]
+        self.model.offload_text_encoders(self.device)
+        cond = self._encode(prompts)  # [groups, ...]
+        row_prompts = [p for p in prompts for _ in range(G)]
+        rows, mb = len(row_prompts), 2 * cfg.sampling.micro_batch_pairs
+        xs, logps = [], []
+        for i in tqdm(range(0, rows, mb), desc=f"epoch {epoch + 1} sample", disable=not self.progress, leave=False):
+            r = torch.arange(i, min(i + mb, rows))
+            latents = torch.randn(len(r), *self.model.latent_shape, generator=gen_dev, device=self.device)
+            traj = sample_sde(self._velocity_fn(cond[r // G]), latents, self.sigmas, cfg.grpo.noise_level, gen_dev)
+            xs.append(traj.xs), logps.append(traj.logps)
+        xs = torch.cat(xs)  # [rows, T + 1, C, H, W]
+        images = torch.cat([self.model.decode(xs[i:i + mb, -1]) for i in range(0, rows, mb)])
+        rewards, parts = self.reward(row_prompts, images)
+        return dict(prompts=prompts, row_prompts=row_prompts, cond=cond, xs=xs, logps=torch.cat(logps),
+                    images=images, rewards=rewards.to(self.device), reward_parts=parts)
+
     def train_epoch(self, epoch: int) -> dict:
-        cfg, T = self.cfg, self.cfg.sampling.steps
+        cfg = self.cfg
+        grpo = cfg.train.algorithm == "flow_grpo"
         t_start = time.time()
-        batch = self.sample_epoch(epoch)
+        batch = self.sample_epoch_grpo(epoch) if grpo else self.sample_epoch(epoch)
         t_sampled = time.time()
         R = batch["rewards"]
         bad = ~torch.isfinite(R)
         n_bad = int(all_reduce_sum([float(bad.sum())], self.device)[0])
-        n_rows = 2 * self.layout["pairs_per_rank"] * self.world_size
+        n_rows = R.numel() * self.world_size
         r_sum, r_sq = all_reduce_sum([float(R[~bad].sum()), float(R[~bad].pow(2).sum())], self.device)
         n_ok = max(n_rows - n_bad, 1)
-        record = {"epoch": epoch + 1, "reward_mean": r_sum / n_ok,
-                  "reward_std": math.sqrt(max(r_sq / n_ok - (r_sum / n_ok) ** 2, 0.0)),
+        r_std = math.sqrt(max(r_sq / n_ok - (r_sum / n_ok) ** 2, 0.0))
+        record = {"epoch": epoch + 1, "reward_mean": r_sum / n_ok, "reward_std": r_std,
                   "images_sampled": (epoch + 1) * n_rows}
         for name, values in batch["reward_parts"].items():
             record[f"reward/{name}"] = all_reduce_sum([float(values[torch.isfinite(values)].mean())],
@@ -175,13 +200,21 @@ class Trainer:
             self.report.log("epoch", record, self.global_step)
             return record
 
-        d, dR, _ = pair_delta(batch["x0"], R)
-        stats = self.optimize(epoch, batch, d, dR)
+        if self.device.type == "cuda" and cfg.train.offload_text_encoders:
+            self.model.offload_text_encoders("cpu")
+        if grpo:
+            adv = group_advantages(R, cfg.grpo.group_size, r_std, cfg.grpo.adv_clip)
+            micro_loss = self._grpo_micro_loss(batch, adv)
+        else:
+            d, dR, _ = pair_delta(batch["x0"], R)
+            micro_loss = self._fdfo_micro_loss(batch, d, dR)
+        stats = self.optimize(epoch, micro_loss)
         t_done = time.time()
         record.update(stats)
         record.update(skipped=False, sample_s=t_sampled - t_start, train_s=t_done - t_sampled,
-                      epoch_s=t_done - t_start,
-                      pairs_per_s=self.cfg.train.pairs_per_epoch / (t_done - t_start))
+                      epoch_s=t_done - t_start, images_per_s=n_rows / (t_done - t_start))
+        if not grpo:
+            record["pairs_per_s"] = n_rows / 2 / (t_done - t_start)
         self.report.log("epoch", record, self.global_step)
         if self.rank == 0 and cfg.log.plot_every and (epoch + 1) % cfg.log.plot_every == 0:
             grid_dir = self.out_dir / "samples"
@@ -190,46 +223,80 @@ class Trainer:
                                   cfg.log.grid_pairs)
         return record
 
-    def optimize(self, epoch: int, batch: dict, d: torch.Tensor, dR: torch.Tensor) -> dict:
-        """The epoch's optimizer steps over the globally shuffled (trajectory, timestep) elements."""
-        cfg, T = self.cfg, self.cfg.sampling.steps
-        if self.device.type == "cuda" and cfg.train.offload_text_encoders:
-            self.model.offload_text_encoders("cpu")
+    def _fdfo_micro_loss(self, batch: dict, d: torch.Tensor, dR: torch.Tensor):
+        """Element e = (row, step) of the global list -> the FD loss of a micro-batch of elements."""
+        T, cfg = self.cfg.sampling.steps, self.cfg
         # Every rank holds the same global lists (rank-major) and takes its slice of one shared permutation.
         xs, vs = all_gather_rows(batch["xs"]), all_gather_rows(batch["vs"])  # [2P·world, T, C, H, W]
         d, dR = all_gather_rows(d), all_gather_rows(dR)
         cond = Conditioning(all_gather_rows(batch["cond"].embeds), all_gather_rows(batch["cond"].pooled))
+        sigmas = self.sigmas.to(self.device)
+
+        def micro_loss(idx: torch.Tensor):
+            rows, k = idx // T, idx % T
+            x, v_ref, c = xs[rows, k], vs[rows, k], cond[rows // 2]  # [mb, C, H, W]
+            v = self.model.velocity(x, sigmas[k], c, self.guidance, self.uncond, net=self.engine.engine)
+            loss, metrics = fdfo_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range)
+            if cfg.train.kl_weight > 0:
+                kl = (v - self._base_velocity(x, sigmas[k], c)).pow(2).mean()
+                loss = loss + cfg.train.kl_weight * kl
+                metrics["kl"] = kl.detach()
+            return loss, metrics
+
+        return micro_loss
+
+    def _grpo_micro_loss(self, batch: dict, adv: torch.Tensor):
+        """Element e = (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row."""
+        cfg, G = self.cfg, self.cfg.grpo.group_size
+        K = grpo_train_steps(cfg)
+        xs, logps, adv = all_gather_rows(batch["xs"]), all_gather_rows(batch["logps"]), all_gather_rows(adv)
+        cond = Conditioning(all_gather_rows(batch["cond"].embeds), all_gather_rows(batch["cond"].pooled))
+        sig = [float(v) for v in self.sigmas]
+        coef = torch.tensor([sde_coefficients(sig[k], sig[k + 1], cfg.grpo.noise_level) for k in range(len(sig) - 1)],
+                            device=self.device)  # [T, 4]: x weight, v weight, step std, σ_t
+        sigmas = self.sigmas.to(self.device)
+
+        def micro_loss(idx: torch.Tensor):
+            rows, k = idx // K, idx % K
+            x, x_next, c = xs[rows, k], xs[rows, k + 1], cond[rows // G]
+            v = self.model.velocity(x, sigmas[k], c, self.guidance, self.uncond, net=self.engine.engine)
+            w = coef[k].T.reshape(4, -1, *([1] * (x.ndim - 1)))  # [4, mb, 1, 1, 1]
+            mean = x.float() * w[0] + v * w[1]
+            logp = gaussian_logp(x_next, mean, coef[k, 2])
+            loss, metrics = grpo_loss(logp, logps[rows, k], adv[rows], cfg.grpo.clip_range)
+            if cfg.grpo.kl_beta > 0:
+                v_ref = self._base_velocity(x, sigmas[k], c)
+                mean_ref = x.float() * w[0] + v_ref * w[1]
+                kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * coef[k, 3] ** 2)).mean()
+                loss = loss + cfg.grpo.kl_beta * kl
+                metrics["kl"] = kl.detach()
+            return loss, metrics
+
+        return micro_loss
+
+    def optimize(self, epoch: int, micro_loss) -> dict:
+        """The epoch's optimizer steps over the globally shuffled training elements."""
+        cfg = self.cfg
         E = self.layout["elements_per_rank"]
         perm = torch.randperm(E * self.world_size,
                               generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, 7)))
         mine = perm[self.rank * E:(self.rank + 1) * E].to(self.device)
-        sigmas = self.sigmas.to(self.device)
-        mb, steps = cfg.train.micro_batch_rows, cfg.train.optimizer_steps_per_epoch
+        mb, steps, accum = cfg.train.micro_batch_rows, self.layout["optimizer_steps"], self.layout["grad_accum"]
         sums: dict[str, float] = {}
         bar = tqdm(total=E // mb, desc=f"epoch {epoch + 1} train", disable=not self.progress, leave=False)
         for s in range(steps):
             acc: dict[str, float] = {}
-            for m in range(self.layout["grad_accum"]):
-                idx = mine[(s * self.layout["grad_accum"] + m) * mb:][:mb]
-                rows, k = idx // T, idx % T
-                x, v_ref = xs[rows, k], vs[rows, k]  # [mb, C, H, W]
-                c = cond[rows // 2]
-                v = self.model.velocity(x, sigmas[k], c, self.guidance, self.uncond, net=self.engine.engine)
-                loss, metrics = fdfo_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range)
-                if cfg.train.kl_weight > 0:
-                    kl = (v - self._base_velocity(x, sigmas[k], c)).pow(2).mean()
-                    loss = loss + cfg.train.kl_weight * kl
-                    metrics["kl"] = kl.detach()
+            for m in range(accum):
+                loss, metrics = micro_loss(mine[(s * accum + m) * mb:][:mb])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became non-finite at epoch {epoch + 1}, step {s + 1}; the weights were not "
-                        "updated and the last checkpoint is intact: lower train.learning_rate or raise "
-                        "train.clip_range's stability (smaller lr) and resume")
+                        "updated and the last checkpoint is intact: lower train.learning_rate and resume")
                 metrics["loss"] = loss.detach()
                 self.engine.backward(loss)
                 self.engine.step()
                 for key, value in metrics.items():
-                    acc[key] = acc.get(key, 0.0) + float(value) / self.layout["grad_accum"]
+                    acc[key] = acc.get(key, 0.0) + float(value) / accum
                 bar.update(1)
             self.global_step += 1
             reduced = all_reduce_sum(list(acc.values()), self.device)
@@ -246,7 +313,8 @@ class Trainer:
     def _base_velocity(self, x, sigma, cond) -> torch.Tensor:
         """The frozen base model's velocity (LoRA adapter disabled), for the optional KL term."""
         if not self.cfg.lora.enabled:
-            raise ValueError("train.kl_weight > 0 needs LoRA (the base is the model with the adapter disabled)")
+            raise ValueError("a KL term (train.kl_weight, grpo.kl_beta) needs LoRA: the base is the model with the "
+                             "adapter disabled")
         self.model.transformer.disable_adapters()
         try:
             return self.model.velocity(x, sigma, cond, self.guidance, self.uncond)

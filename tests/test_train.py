@@ -173,3 +173,24 @@ def test_deepspeed_launcher_runs_the_entry_point(tmp_path, tiny_pipeline_dir, di
                            "--config", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ds" / "checkpoints" / "epoch_0001" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_flow_grpo_in_the_same_trainer(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    from fdfo.trainer import Trainer
+
+    cfg = tiny_run(tmp_path / "g", tiny_pipeline_dir, digit_reward_dir,
+                   train={"algorithm": "flow_grpo", "epochs": 1, "micro_batch_rows": 3},
+                   grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.01},
+                   eval={"every": 0, "metrics": []}, checkpoint={"every": 0})
+    t = Trainer(cfg)
+    before = lora_weights(t)
+    t.run()
+    lines = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert len(steps) == 2
+    assert steps[0]["ratio"] == pytest.approx(1.0, abs=1e-4)  # first update: the sampling policy itself
+    assert "kl" in steps[0] and steps[0]["kl"] >= 0
+    (epoch,) = [r for r in lines if r["kind"] == "epoch"]
+    assert epoch["images_sampled"] == 4
+    after = lora_weights(t)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
