@@ -11,6 +11,7 @@ complete, so an interrupted save never replaces a good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -100,6 +101,23 @@ class Engine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+
+    # ------------------------------------------------------------------ sampling
+
+    def inference_weights(self, params=None):
+        """Context for sampling and evaluation with materialised weights.
+
+        Under ZeRO-3 every forward would all-gather each layer again; for the T × micro-batch
+        forwards of an epoch's sampling the weights are gathered once, for the whole context,
+        instead. Other stages keep full weights on every rank: nothing to do.
+        """
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = list(self.model.transformer.parameters()) if params is None else list(params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     # ------------------------------------------------------------------ training
 
@@ -131,11 +149,14 @@ class Engine:
         state = dict(trainer_state, rng=rng_state())
         self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"trainer": state},
                                     exclude_frozen_parameters=True)
+        exported = self.model.trainable_parameters() if self.cfg.lora.enabled else None
+        with self.inference_weights(exported):  # ZeRO-3: gather what is exported, on every rank
+            if self.rank == 0:
+                if self.cfg.lora.enabled:
+                    self.model.save_lora(tmp / ADAPTER_DIR)
+                else:
+                    self.model.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
         if self.rank == 0:
-            if self.cfg.lora.enabled:
-                self.model.save_lora(tmp / ADAPTER_DIR)
-            else:
-                self.model.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
             (tmp / "trainer.json").write_text(json.dumps(
                 {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
             _fsync_tree(tmp)

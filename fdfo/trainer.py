@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fdfo.config import RunConfig, epoch_layout, grpo_train_steps
 from fdfo.engine import Engine, find_checkpoint, setup_distributed
 from fdfo.flow_grpo import gaussian_logp, group_advantages, grpo_loss, sample_sde, sde_coefficients
-from fdfo.loss import fdfo_loss, pair_delta
+from fdfo import kernels
 from fdfo.models import Conditioning, load_flow_model, resolve_model_path
 from fdfo.prompts import load_prompts
 from fdfo.report import RunReport
@@ -63,6 +63,7 @@ class Trainer:
         self.out_dir = Path(cfg.log.out_dir)
         self.progress = cfg.log.progress and self.rank == 0
         torch.manual_seed(cfg.train.seed)
+        kernels.set_backend(cfg.train.kernels)  # auto: fused Triton kernels on CUDA, PyTorch references elsewhere
 
         # Built-in models are created once by rank 0; the others wait and then load them.
         if self.rank == 0:
@@ -124,28 +125,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ the epoch
 
+    def _micro_batches(self, epoch: int, n: int, size: int):
+        """Split this rank's n items into micro-batches, each with generators seeded by its *global* index.
+
+        Seeding by (seed, epoch, global micro-batch) rather than by rank makes the epoch's samples the
+        same on any number of ranks (when n is a multiple of size), so runs compare across world sizes.
+        """
+        per_rank = math.ceil(n / size)
+        for i in range(per_rank):
+            g = self.rank * per_rank + i
+            gen_cpu = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch, g, 0))
+            gen_dev = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.train.seed, epoch, g, 1))
+            yield i * size, min(size, n - i * size), gen_cpu, gen_dev
+
     def sample_epoch(self, epoch: int) -> dict:
         """Paired trajectories and rewards for this rank's pairs of the epoch."""
         cfg, P = self.cfg, self.layout["pairs_per_rank"]
-        gen_cpu = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 0))
-        gen_dev = torch.Generator(self.device).manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 1))
-        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (P,), generator=gen_cpu).tolist()]
+        batches = list(self._micro_batches(epoch, P, cfg.sampling.micro_batch_pairs))
+        prompts = [self.prompts[j] for _, p, g, _ in batches
+                   for j in torch.randint(len(self.prompts), (p,), generator=g).tolist()]
         self.model.offload_text_encoders(self.device)
         cond = self._encode(prompts)  # [P, ...]
-        mb = cfg.sampling.micro_batch_pairs
         xs, vs, x0 = [], [], []
-        for i in tqdm(range(0, P, mb), desc=f"epoch {epoch + 1} sample", disable=not self.progress, leave=False):
-            p = min(mb, P - i)
-            latents = torch.randn(p, *self.model.latent_shape, generator=gen_dev, device=self.device)
-            g_prior, g_steps = churn_schedule(cfg.sampling.churn_schedule, cfg.sampling.churn_weight, self.sigmas,
-                                              2 * p, gen_cpu, cfg.sampling.churn_logit_mean,
-                                              cfg.sampling.churn_logit_std)
-            traj = sample_pairs(self._velocity_fn(cond[i:i + p].repeat_rows(2)), latents, self.sigmas,
-                                g_prior, g_steps, gen_dev)
-            xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
+        with self.engine.inference_weights():
+            for i, p, gen_cpu, gen_dev in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not self.progress,
+                                               leave=False):
+                latents = torch.randn(p, *self.model.latent_shape, generator=gen_dev, device=self.device)
+                g_prior, g_steps = churn_schedule(cfg.sampling.churn_schedule, cfg.sampling.churn_weight,
+                                                  self.sigmas, 2 * p, gen_cpu, cfg.sampling.churn_logit_mean,
+                                                  cfg.sampling.churn_logit_std)
+                traj = sample_pairs(self._velocity_fn(cond[i:i + p].repeat_rows(2)), latents, self.sigmas,
+                                    g_prior, g_steps, gen_dev)
+                xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
         x0 = torch.cat(x0)  # [2P, C, H, W]
         row_prompts = [p for p in prompts for _ in range(2)]
-        images = torch.cat([self.model.decode(x0[i:i + 2 * mb]) for i in range(0, 2 * P, 2 * mb)])
+        mb = 2 * cfg.sampling.micro_batch_pairs
+        images = torch.cat([self.model.decode(x0[i:i + mb]) for i in range(0, 2 * P, mb)])
         rewards, parts = self.reward(row_prompts, images)
         return dict(prompts=prompts, row_prompts=row_prompts, cond=cond, xs=torch.cat(xs), vs=torch.cat(vs),
                     x0=x0, images=images, rewards=rewards.to(self.device), reward_parts=parts)
@@ -155,18 +170,20 @@ class Trainer:
         cfg, G = self.cfg, self.cfg.grpo.group_size
         n_groups = self.layout["groups_per_rank"]
         gen_cpu = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 0))
-        gen_dev = torch.Generator(self.device).manual_seed(derive_seed(cfg.train.seed, epoch, self.rank, 1))
         prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n_groups,), generator=gen_cpu).tolist()]
         self.model.offload_text_encoders(self.device)
         cond = self._encode(prompts)  # [groups, ...]
         row_prompts = [p for p in prompts for _ in range(G)]
         rows, mb = len(row_prompts), 2 * cfg.sampling.micro_batch_pairs
         xs, logps = [], []
-        for i in tqdm(range(0, rows, mb), desc=f"epoch {epoch + 1} sample", disable=not self.progress, leave=False):
-            r = torch.arange(i, min(i + mb, rows))
-            latents = torch.randn(len(r), *self.model.latent_shape, generator=gen_dev, device=self.device)
-            traj = sample_sde(self._velocity_fn(cond[r // G]), latents, self.sigmas, cfg.grpo.noise_level, gen_dev)
-            xs.append(traj.xs), logps.append(traj.logps)
+        with self.engine.inference_weights():
+            for i, n, _, gen_dev in tqdm(list(self._micro_batches(epoch, rows, mb)), desc=f"epoch {epoch + 1} sample",
+                                         disable=not self.progress, leave=False):
+                r = torch.arange(i, i + n)
+                latents = torch.randn(n, *self.model.latent_shape, generator=gen_dev, device=self.device)
+                traj = sample_sde(self._velocity_fn(cond[r // G]), latents, self.sigmas, cfg.grpo.noise_level,
+                                  gen_dev)
+                xs.append(traj.xs), logps.append(traj.logps)
         xs = torch.cat(xs)  # [rows, T + 1, C, H, W]
         images = torch.cat([self.model.decode(xs[i:i + mb, -1]) for i in range(0, rows, mb)])
         rewards, parts = self.reward(row_prompts, images)
@@ -206,7 +223,7 @@ class Trainer:
             adv = group_advantages(R, cfg.grpo.group_size, r_std, cfg.grpo.adv_clip)
             micro_loss = self._grpo_micro_loss(batch, adv)
         else:
-            d, dR, _ = pair_delta(batch["x0"], R)
+            d, dR, _ = kernels.pair_delta(batch["x0"], R)
             micro_loss = self._fdfo_micro_loss(batch, d, dR)
         stats = self.optimize(epoch, micro_loss)
         t_done = time.time()
@@ -236,7 +253,7 @@ class Trainer:
             rows, k = idx // T, idx % T
             x, v_ref, c = xs[rows, k], vs[rows, k], cond[rows // 2]  # [mb, C, H, W]
             v = self.model.velocity(x, sigmas[k], c, self.guidance, self.uncond, net=self.engine.engine)
-            loss, metrics = fdfo_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range)
+            loss, metrics = kernels.fd_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range)
             if cfg.train.kl_weight > 0:
                 kl = (v - self._base_velocity(x, sigmas[k], c)).pow(2).mean()
                 loss = loss + cfg.train.kl_weight * kl
@@ -338,7 +355,16 @@ class Trainer:
         self.model.offload_text_encoders(self.device)
         sums = {name: 0.0 for name in ["reward", *self.eval_metrics]}
         mb = 2 * self.cfg.sampling.micro_batch_pairs
-        for i in range(0, per_rank, mb):
+        with self.engine.inference_weights():
+            sums = self._evaluate_shard(idx, valid, prompts, latents, mb, sums)
+        totals = all_reduce_sum(list(sums.values()), self.device)
+        record = {"epoch": epoch, **{f"eval/{k}": v / n for k, v in zip(sums, totals)},
+                  "seconds": time.time() - t0}
+        self.report.log("eval", record, self.global_step)
+        return record
+
+    def _evaluate_shard(self, idx, valid, prompts, latents, mb, sums):
+        for i in range(0, len(idx), mb):
             chunk = idx[i:i + mb]
             p = [prompts[j] for j in chunk]
             x0 = sample_deterministic(self._velocity_fn(self.model.encode(p)), latents[chunk].to(self.device),
@@ -348,11 +374,7 @@ class Trainer:
             sums["reward"] += float((self.reward(p, images)[0] * mask).sum())
             for name, metric in self.eval_metrics.items():
                 sums[name] += float((metric(p, images).float() * mask).sum())
-        totals = all_reduce_sum(list(sums.values()), self.device)
-        record = {"epoch": epoch, **{f"eval/{k}": v / n for k, v in zip(sums, totals)},
-                  "seconds": time.time() - t0}
-        self.report.log("eval", record, self.global_step)
-        return record
+        return sums
 
     # ------------------------------------------------------------------ the run
 

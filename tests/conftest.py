@@ -12,6 +12,7 @@ import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
