@@ -145,8 +145,9 @@ class CheckpointConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
-    config: str | None = None  # optional DeepSpeed JSON whose entries are merged in
+    # ZeRO stage; None = the stage named in `config`, else 0 (replicated, DDP-style).
+    zero_stage: int | None = field(default=None, metadata=_choices(0, 1, 2, 3))
+    config: str | None = None  # a DeepSpeed JSON (configs/ds/*.json) merged in; batch sizes come from here
 
 
 @dataclass

@@ -56,15 +56,22 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device
 
 
-def deepspeed_config(cfg, layout: dict, world_size: int) -> dict:
-    """The DeepSpeed config, derived from the run config (the single source of batch sizes)."""
+def deepspeed_config(cfg, layout: dict, world_size: int, bf16: bool = False) -> dict:
+    """The DeepSpeed config, derived from the run config (the single source of batch sizes).
+
+    ``deepspeed.config`` (a JSON such as configs/ds/zero3.json) adds ZeRO and offload
+    settings; a batch size or ZeRO stage there that contradicts the run config is an error.
+    Mixed precision is DeepSpeed's own (``bf16``), never an autocast around the engine.
+    """
+    from fdfo.config import ConfigError
+
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_rows,
         "gradient_accumulation_steps": layout["grad_accum"],
         "train_batch_size": t.micro_batch_rows * layout["grad_accum"] * world_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -72,15 +79,26 @@ def deepspeed_config(cfg, layout: dict, world_size: int) -> dict:
     if cfg.deepspeed.config:
         path = Path(cfg.deepspeed.config)
         if not path.is_file():
-            raise FileNotFoundError(f"deepspeed.config '{path}' does not exist; see configs/ds/")
-        extra = json.loads(path.read_text())
+            raise ConfigError(f"deepspeed.config '{path}' does not exist; see configs/ds/ "
+                              "(zero2.json, zero3.json, zero3_offload.json)")
+        try:
+            extra = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config '{path}' is not valid JSON: {exc}") from exc
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             if key in extra and extra[key] not in ("auto", ds[key]):
-                raise ValueError(f"{path}: '{key}' is {extra[key]} but the run config gives {ds[key]}; "
-                                 "remove it or set it to \"auto\" (batch sizes come from the run config)")
+                raise ConfigError(f"{path}: '{key}' is {extra[key]} but the run config gives {ds[key]} "
+                                  "(train.micro_batch_rows and the epoch layout); remove it or set it to \"auto\"")
             extra.pop(key, None)
         ds.update(extra)
-        ds["zero_optimization"].setdefault("stage", cfg.deepspeed.zero_stage)
+    zero = ds.setdefault("zero_optimization", {})
+    file_stage, run_stage = zero.get("stage"), cfg.deepspeed.zero_stage
+    if file_stage is not None and run_stage is not None and file_stage != run_stage:
+        raise ConfigError(f"deepspeed.zero_stage={run_stage} contradicts stage {file_stage} in "
+                          f"{cfg.deepspeed.config}; set one of them")
+    zero["stage"] = run_stage if run_stage is not None else (file_stage or 0)
+    if bf16:
+        ds.setdefault("bf16", {"enabled": True})
     return ds
 
 
@@ -97,7 +115,10 @@ class Engine:
         t = cfg.train
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                       eps=t.adam_eps, weight_decay=t.weight_decay)
-        self.ds_config = deepspeed_config(cfg, layout, world_size)
+        # Full fine-tuning of a bf16 model: DeepSpeed's bf16 mode (fp32 master weights in the optimizer).
+        # LoRA keeps its trainable weights in fp32 beside the frozen bf16 base, so it needs no mode.
+        bf16 = not cfg.lora.enabled and model.dtype == torch.bfloat16
+        self.ds_config = deepspeed_config(cfg, layout, world_size, bf16=bf16)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]

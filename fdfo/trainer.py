@@ -297,6 +297,11 @@ class Trainer:
         E = self.layout["elements_per_rank"]
         perm = torch.randperm(E * self.world_size,
                               generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, 7)))
+        # Guard: every rank must draw the same permutation, or elements would be trained twice or never.
+        checksum = float((perm[:4096].double() * torch.arange(min(4096, perm.numel()))).sum())
+        lo, hi = all_reduce_sum([checksum], self.device)[0] / self.world_size, checksum
+        if abs(lo - hi) > 0.5:
+            raise RuntimeError("the global shuffle differs between ranks (check that every rank runs the same config)")
         mine = perm[self.rank * E:(self.rank + 1) * E].to(self.device)
         mb, steps, accum = cfg.train.micro_batch_rows, self.layout["optimizer_steps"], self.layout["grad_accum"]
         sums: dict[str, float] = {}

@@ -139,8 +139,8 @@ class SD3FlowModel:
                 p.data = p.data.float()
 
     def enable_full_finetune(self) -> None:
+        """Train every transformer weight; in bf16 on GPU, DeepSpeed keeps the fp32 master copy."""
         self.transformer.requires_grad_(True)
-        self.transformer.float()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]

@@ -1,0 +1,150 @@
+"""Peak memory and training throughput of the FDFO training step under DeepSpeed ZeRO stages.
+
+Random-init weights in the real SD3.5 architectures (speed does not depend on the
+values): LoRA (rank 32 on the attention projections) or full fine-tuning, one
+micro-batch of training elements per forward/backward, the FD loss, the
+optimizer step through the DeepSpeed engine.
+
+    deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch sd35-medium --stage 0 2 3
+    deepspeed --num_gpus 8 benchmarks/bench_zero.py --arch sd35-large --stage 3 --offload
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch tiny --stage 0 3 --steps 2
+
+Prints one line per stage and writes JSON lines to --out (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCHS = {
+    # diffusers SD3Transformer2DModel configs of the published checkpoints.
+    "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                       attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                       caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                       qk_norm="rms_norm"),
+    "tiny": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+                 pooled_projection_dim=64, pos_embed_max_size=8),
+}
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> dict:
+    import deepspeed
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from fdfo.loss import fdfo_loss
+
+    arch = ARCHS[args.arch]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    latent = args.latent or arch["sample_size"] // 2  # 512² images = 64×64 latents for SD3.5
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**arch).to(dtype)
+    if args.full:
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS, init_lora_weights="gaussian"))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = {"stage": stage}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=100000)
+        if args.offload:
+            zero.update(offload_param={"device": "cpu", "pin_memory": True},
+                        offload_optimizer={"device": "cpu", "pin_memory": True})
+    ds = {"train_micro_batch_size_per_gpu": args.rows, "gradient_accumulation_steps": 1,
+          "train_batch_size": args.rows * world, "gradient_clipping": 1.0, "zero_optimization": zero,
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    if args.full and dtype == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+    model = model.to(device) if stage != 3 or not args.offload else model
+    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    C, L = arch["in_channels"], args.text_tokens
+    g = torch.Generator(device).manual_seed(rank)
+    x = torch.randn(args.rows, C, latent, latent, generator=g, device=device)
+    emb = torch.randn(args.rows, L, arch["joint_attention_dim"], generator=g, device=device).to(dtype)
+    pooled = torch.randn(args.rows, arch["pooled_projection_dim"], generator=g, device=device).to(dtype)
+    v_ref = torch.randn_like(x)
+    d = 0.05 * torch.randn_like(x)
+    dR = 0.1 * torch.randn(args.rows, generator=g, device=device)
+    sigma = torch.rand(args.rows, generator=g, device=device)
+
+    def step():
+        v = engine(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=emb,
+                   pooled_projections=pooled, return_dict=False)[0].float()
+        loss, _ = fdfo_loss(v, v_ref, d, dR, 0.03)
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    result = {"arch": args.arch, "stage": stage, "offload": bool(args.offload and stage == 3), "full": args.full,
+              "world": world, "rows": args.rows, "latent": latent, "step_s": seconds,
+              "samples_per_s": args.rows * world / seconds, "peak_gib": peak,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    del engine, model, opt
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd35-medium")
+    parser.add_argument("--stage", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--offload", action="store_true", help="ZeRO-3 with CPU offload of parameters and optimizer")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--rows", type=int, default=6, help="training elements per micro-batch")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: 512² images)")
+    parser.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 tokens for SD3.5")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/zero_results.jsonl")
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+
+    from fdfo.engine import setup_distributed
+
+    rank, world, _, device = setup_distributed()
+    for stage in args.stage:
+        res = run_stage(args, stage, device, rank, world)
+        if rank == 0:
+            peak = f"{res['peak_gib']:.1f} GiB" if res["peak_gib"] is not None else "n/a (CPU)"
+            print(f"{res['arch']} stage={stage}{' offload' if res['offload'] else ''} "
+                  f"{'full' if args.full else 'LoRA'} world={world}: {res['samples_per_s']:.2f} samples/s, "
+                  f"step {res['step_s'] * 1000:.0f} ms, peak {peak}", flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
