@@ -113,8 +113,11 @@ class DataConfig:
 class RewardConfig:
     # name -> weight; the reward is the weighted sum (ALGORITHM.md §2).
     weights: dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0, "vlm_alignment": 0.1})
-    # name -> weights path (directory or hub id); "builtin" for the digits task's models.
+    # name -> weights path (directory or hub id); "builtin" for the digits task's models;
+    # absent = the published weights (hub ids of PickScore, Qwen2.5-VL-7B-Instruct, CLIP).
     paths: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 8  # images per reward-model forward
+    device: str | None = None  # e.g. "cuda:1" to keep reward models off the training GPU
 
 
 @dataclass

@@ -2,19 +2,49 @@
 
 Images are float tensors [B, C, H, W] in [0, 1]. The training reward is a
 weighted sum of named rewards (``reward.weights``), each loaded from
-``reward.paths[name]`` (``builtin`` for the digits task's own models).
+``reward.paths[name]`` (a local directory or a hub id; ``builtin`` for the
+digits task's own models; absent = the published weights).
+
+    name                  what                                               range
+    pickscore             PickScore (CLIP-H/14, Pick-a-Pic)                  ±100, ~18-23
+    vlm_alignment         Qwen2.5-VL: P(Yes) that the image matches          [0, 100]
+    clip_score            100·max(cos, 0), CLIP ViT-L/14                     [0, 100]
+    clip_score_h14        the same with CLIP ViT-H/14 (LAION-2B)             [0, 100]
+    hpsv2                 100·cos under HPSv2 (only where weights are given) ±100
+    digit_probability     the digits task's CNN probability of the digit     [0, 1]
+    digit_judge_accuracy  the digits task's held-out judge is right          {0, 1}
+
+Published presets (ALGORITHM.md §2): ``pickscore``, ``vlm_alignment`` and
+``combined`` (PickScore ×1 + VLM ×0.1, the default); ``preset_weights(name)``.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
+from fdfo.rewards.base import RewardUnavailable, report_nonfinite
+
 
 class Reward(Protocol):
     def __call__(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor: ...
+
+
+PRESETS: dict[str, dict[str, float]] = {
+    "pickscore": {"pickscore": 1.0},
+    "vlm_alignment": {"vlm_alignment": 1.0},
+    "combined": {"pickscore": 1.0, "vlm_alignment": 0.1},
+}
+
+
+def preset_weights(name: str) -> dict[str, float]:
+    """reward.weights of a published preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown reward preset '{name}'; available presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 def _digits_dir(path: str | None, cache_dir: str | None) -> Path:
@@ -26,33 +56,61 @@ def _digits_dir(path: str | None, cache_dir: str | None) -> Path:
     return Path(path)
 
 
-def _digit_probability(path, cache_dir, device):
+def _digit_probability(path, cache_dir, device, **options):
     from fdfo.rewards.digits import DigitProbabilityReward
 
     return DigitProbabilityReward(_digits_dir(path, cache_dir)).to(device)
 
 
-def _digit_judge(path, cache_dir, device):
+def _digit_judge(path, cache_dir, device, **options):
     from fdfo.rewards.digits import DigitJudgeAccuracy
 
     return DigitJudgeAccuracy(_digits_dir(path, cache_dir)).to(device)
 
 
-# name -> factory(path or None, cache_dir, device) -> Reward
+def _pretrained(module: str, cls: str) -> Callable:
+    """Factory of a pretrained reward: options are batch_size, dtype and device (a separate reward device)."""
+
+    def factory(path, cache_dir, device, **options):
+        import importlib
+
+        options.setdefault("device", device)
+        return getattr(importlib.import_module(module), cls)(path, **options)
+
+    return factory
+
+
+# name -> factory(path or None, cache_dir, device, **options) -> Reward
 REGISTRY: dict[str, Callable] = {
+    "pickscore": _pretrained("fdfo.rewards.pickscore", "PickScore"),
+    "vlm_alignment": _pretrained("fdfo.rewards.vlm", "VLMYesNoReward"),
+    "clip_score": _pretrained("fdfo.rewards.clip_score", "ClipScore"),
+    "clip_score_h14": _pretrained("fdfo.rewards.clip_score", "ClipScoreH14"),
+    "hpsv2": _pretrained("fdfo.rewards.clip_score", "HPSv2"),
     "digit_probability": _digit_probability,
     "digit_judge_accuracy": _digit_judge,
 }
 
 
-def build_reward(name: str, path: str | None, device: torch.device, cache_dir: str | None = None) -> Reward:
+def build_reward(name: str, path: str | None, device: torch.device, cache_dir: str | None = None,
+                 **options) -> Reward:
+    """Load reward ``name``; options (batch_size, dtype, device, ...) go to its factory."""
     if name not in REGISTRY:
         raise ValueError(f"unknown reward '{name}'; available rewards: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](path, cache_dir, device)
+    factory = REGISTRY[name]
+    if options:
+        params = inspect.signature(factory).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ValueError(f"reward '{name}' takes no options (got {sorted(options)})")
+    return factory(path, cache_dir, device, **options)
 
 
 class WeightedReward:
-    """R = Σ_k w_k·R_k; also returns each term so that it can be logged."""
+    """R = Σ_k w_k·R_k; also returns each term so that it can be logged.
+
+    A term that is NaN/inf for some image is reported with its prompt (a warning);
+    the total is then non-finite too, and the trainer skips the batch.
+    """
 
     def __init__(self, terms: dict[str, tuple[float, Reward]]):
         self.terms = terms
@@ -60,11 +118,20 @@ class WeightedReward:
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {name: fn(prompts, images).float() for name, (_, fn) in self.terms.items()}
+        for name, value in parts.items():
+            report_nonfinite(name, prompts, value)
         total = sum(self.terms[name][0] * value for name, value in parts.items())
         return total, parts
 
 
 def build_weighted_reward(weights: dict[str, float], paths: dict[str, str], device: torch.device,
-                          cache_dir: str | None = None) -> WeightedReward:
-    return WeightedReward({name: (w, build_reward(name, paths.get(name), device, cache_dir))
+                          cache_dir: str | None = None,
+                          options: dict[str, dict] | None = None) -> WeightedReward:
+    """options: reward name -> keyword options of its factory (e.g. {"vlm_alignment": {"device": "cuda:1"}})."""
+    options = options or {}
+    return WeightedReward({name: (w, build_reward(name, paths.get(name), device, cache_dir, **options.get(name, {})))
                            for name, w in weights.items()})
+
+
+__all__ = ["PRESETS", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward", "build_reward",
+           "build_weighted_reward", "preset_weights", "report_nonfinite"]

@@ -1,0 +1,357 @@
+"""Metrics of a checkpoint against its base model over a prompt set, with a side-by-side report.
+
+    python -m fdfo.evaluate --adapter runs/sd35-medium/checkpoints/epoch_0100 \\
+        --prompts prompts/hpdv2_photo.txt --repeats 4 --out eval/epoch_0100 \\
+        --metrics pickscore vlm_alignment clip_score clip_score_h14 hpsv2 diversity
+    torchrun --nproc_per_node 8 -m fdfo.evaluate ...     # prompts sharded over the ranks
+
+Every prompt is sampled ``--repeats`` times (seeds ``--seed`` + 0, 1, ...) with
+the deterministic Euler sampler, once by the base model and once by the base
+plus checkpoint, from the same latents: the comparison is paired.
+
+Metrics: any registered reward (``fdfo.rewards.REGISTRY``: PickScore, the VLM
+yes/no score, CLIP score with ViT-L/14 and ViT-H/14, HPSv2 where its weights
+are given, the digits task's metrics), averaged over all images, and
+``diversity``: for each prompt the mean pairwise (1 − cosine) of the CLIP
+image embeddings of its repeats (a DreamSim-style diversity computed with
+CLIP, not DreamSim), averaged over prompts. Weights come from ``--path
+NAME=DIR`` (default: the run config's ``reward.paths``, else the published
+weights). A metric whose weights are not given (HPSv2) is reported as not
+available. NaN/inf scores are left out of the means, counted and warned about.
+
+Under ``torchrun``/``deepspeed`` (or any initialised torch.distributed group)
+rank r evaluates prompts r, r + world, ...; sums are all-reduced and rank 0
+writes ``--out``: ``results.json`` (settings, each metric for base and
+checkpoint and their difference, per-prompt values), ``report.png`` and
+``report.html`` (base | checkpoint images of the first ``--report-prompts``
+prompts, with their scores) and ``images/{base,checkpoint}/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fdfo.generate import (Checkpoint, apply_checkpoint, generate_images, image_grid, resolve_checkpoint, setup,
+                           to_pil)
+from fdfo.rewards import RewardUnavailable, build_reward, report_nonfinite
+
+PUBLISHED_METRICS = ["pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "diversity"]
+DIVERSITY = "diversity"
+DIVERSITY_NOTE = ("mean pairwise (1 - cosine) of CLIP image embeddings across the repeats of each prompt, averaged "
+                  "over prompts (a DreamSim-style diversity computed with CLIP, not DreamSim)")
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the group): joins a torchrun/deepspeed launch."""
+    created = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), created
+    return 0, 1, created
+
+
+def all_reduce_(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum over ranks (identity in a single process); returns a CPU tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def build_metrics(names: list[str], paths: dict[str, str], device: torch.device, *, batch_size: int,
+                  cache_dir: str | None = None, reward_device: str | None = None) -> tuple[dict, dict]:
+    """Metric name -> scorer (rewards) or CLIP embedder (diversity); and name -> note for the unavailable."""
+    from fdfo.rewards.clip_score import ClipImageDiversity
+
+    metrics, notes = {}, {}
+    options = {"batch_size": batch_size, **({"device": reward_device} if reward_device else {})}
+    for name in names:
+        try:
+            if name == DIVERSITY:
+                metrics[name] = ClipImageDiversity(paths.get(name), **{"device": device, **options})
+                notes[name] = DIVERSITY_NOTE
+            elif name.startswith("digit_"):
+                metrics[name] = build_reward(name, paths.get(name), device, cache_dir)
+            else:
+                metrics[name] = build_reward(name, paths.get(name), device, cache_dir, **options)
+        except RewardUnavailable as exc:
+            notes[name] = "not available: " + str(exc).split("not available: ", 1)[-1]
+    return metrics, notes
+
+
+@torch.no_grad()
+def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, settings: dict, *, rank: int = 0,
+                   world_size: int = 1, batch_size: int = 8, report_prompts: int = 8, report_repeats: int = 4) -> dict:
+    """Scores of the model's images: prompt i is sampled on rank i % world_size with every seed.
+
+    Returns (identical on every rank) per-prompt means [n, M] of the M score metrics, per-prompt
+    diversity [n], the overall means, non-finite counts, and the report images and their scores.
+    """
+    from fdfo.rewards.clip_score import mean_pairwise_distance
+
+    scorers = [k for k in metrics if k != DIVERSITY]
+    n, R, M = len(prompts), len(seeds), len(scorers)
+    sums, counts, nonfinite = torch.zeros(n, M, dtype=torch.float64), torch.zeros(n, M), torch.zeros(M)
+    diversity = torch.zeros(n, dtype=torch.float64)
+    shown_p, shown_r = min(n, report_prompts), min(R, report_repeats)
+    channels = model.vae.config.out_channels if model.vae is not None else model.latent_shape[0]
+    report_images = torch.zeros(shown_p, shown_r, channels, *_image_size(model), dtype=torch.uint8)  # 8-bit: small
+    report_scores = torch.zeros(shown_p, shown_r, M)
+    embeddings: dict[int, list[torch.Tensor]] = {}
+    items = [(i, r) for i in range(rank, n, world_size) for r in range(R)]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        p = [prompts[i] for i, _ in chunk]
+        images = generate_images(model, p, [seeds[r] for _, r in chunk], steps=settings["steps"],
+                                 guidance=settings["guidance"], negative_prompt=settings["negative_prompt"],
+                                 batch_size=batch_size).to(model.device)
+        scores = torch.zeros(len(chunk), M)
+        for m, name in enumerate(scorers):
+            s = metrics[name](p, images).float().cpu()
+            nonfinite[m] += report_nonfinite(name, p, s)
+            scores[:, m] = s
+        if DIVERSITY in metrics:
+            emb = metrics[DIVERSITY].embed_images(images).cpu()
+            for k, (i, _) in enumerate(chunk):
+                embeddings.setdefault(i, []).append(emb[k])
+        for k, (i, r) in enumerate(chunk):
+            finite = torch.isfinite(scores[k])
+            sums[i] += torch.where(finite, scores[k], 0.0).double()
+            counts[i] += finite.float()
+            if i < shown_p and r < shown_r:
+                report_images[i, r] = (images[k].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                report_scores[i, r] = scores[k]
+    for i, embs in embeddings.items():
+        diversity[i] = mean_pairwise_distance(torch.stack(embs))
+    # Every rank reduces the same tensors (a rank without prompts contributes zeros).
+    device = model.device
+    sums, counts, nonfinite = all_reduce_(sums, device), all_reduce_(counts, device), all_reduce_(nonfinite, device)
+    diversity = all_reduce_(diversity, device)
+    report_images, report_scores = all_reduce_(report_images, device), all_reduce_(report_scores, device)
+    per_prompt = (sums / counts.clamp(min=1)).float().masked_fill(counts == 0, float("nan"))
+    means = {name: float(sums[:, m].sum() / counts[:, m].sum().clamp(min=1)) if counts[:, m].sum() else float("nan")
+             for m, name in enumerate(scorers)}
+    if DIVERSITY in metrics:
+        finite = torch.isfinite(diversity)
+        means[DIVERSITY] = float(diversity[finite].mean()) if finite.any() else float("nan")
+    return {"scorers": scorers, "per_prompt": per_prompt, "diversity": diversity.float(), "means": means,
+            "nonfinite": {name: int(nonfinite[m]) for m, name in enumerate(scorers)},
+            "report_images": report_images, "report_scores": report_scores}
+
+
+def _image_size(model) -> tuple[int, int]:
+    scale = model.pipe.vae_scale_factor if model.vae is not None else 1
+    return model.latent_shape[1] * scale, model.latent_shape[2] * scale
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def results_json(prompts: list[str], seeds: list[int], settings: dict, ckpt: Checkpoint | None, notes: dict,
+                 variants: dict[str, dict], world_size: int, seconds: float) -> dict:
+    names = list(next(iter(variants.values()))["means"])
+    metrics = {}
+    for name in names:
+        entry = {v: res["means"][name] for v, res in variants.items()}
+        if "base" in entry and "checkpoint" in entry:
+            entry["delta"] = entry["checkpoint"] - entry["base"]
+        metrics[name] = entry
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt}
+        for v, res in variants.items():
+            vals = {name: float(res["per_prompt"][i, m]) for m, name in enumerate(res["scorers"])}
+            if DIVERSITY in res["means"]:
+                vals[DIVERSITY] = float(res["diversity"][i])
+            row[v] = vals
+        per_prompt.append(row)
+    return {
+        "model": settings["model"], "checkpoint": str(ckpt.path) if ckpt else None, "prompts": len(prompts),
+        "repeats": len(seeds), "seeds": seeds, "steps": settings["steps"], "guidance": settings["guidance"],
+        "world_size": world_size, "seconds": round(seconds, 2), "metrics": metrics, "notes": notes,
+        "nonfinite": {v: res["nonfinite"] for v, res in variants.items()}, "per_prompt": per_prompt,
+    }
+
+
+def write_report(out: Path, prompts: list[str], seeds: list[int], variants: dict[str, dict], results: dict) -> None:
+    """report.png (rows: prompts; columns: base seeds | checkpoint seeds) and report.html with the scores."""
+    first = next(iter(variants.values()))
+    shown_p, shown_r = first["report_images"].shape[:2]
+    scorers = first["scorers"]
+    rows, captions, cells = [], [], []
+    for i in range(shown_p):
+        row, cap, cell = [], [], []
+        for v, res in variants.items():
+            for r in range(shown_r):
+                img = res["report_images"][i, r].float() / 255
+                name = f"images/{v}/p{i:04d}_s{seeds[r]}.png"
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                to_pil(img).save(out / name)
+                text = "\n".join(f"{s[:10]} {float(res['report_scores'][i, r, m]):.3g}" for m, s in enumerate(scorers))
+                row.append(img), cap.append(text), cell.append((name, text))
+        rows.append(row), captions.append(cap), cells.append(cell)
+    cols = [f"{v} seed {seeds[r]}" for v in variants for r in range(shown_r)]
+    if rows:
+        image_grid(rows, prompts[:shown_p], cols, captions=captions).save(out / "report.png")
+
+    esc = html.escape
+    head = "".join(f"<th>{esc(v)}</th>" for v in variants) + ("<th>delta</th>" if len(variants) == 2 else "")
+    table = "".join(
+        f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{entry.get(v, float('nan')):.4g}</td>" for v in variants)
+        + (f"<td>{entry['delta']:+.4g}</td>" if "delta" in entry else "") + "</tr>"
+        for name, entry in results["metrics"].items())
+    notes = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in results["notes"].items())
+    body = "".join(
+        f"<tr><td class=p>{esc(prompts[i])}</td>" + "".join(
+            f"<td><img src='{esc(name)}'><br><pre>{esc(text)}</pre></td>" for name, text in cells[i]) + "</tr>"
+        for i in range(shown_p))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fdfo evaluation</title>
+<style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:4px}} td.p{{max-width:18em}}
+img{{width:192px;image-rendering:pixelated}} pre{{margin:0;font-size:11px}} table{{border-collapse:collapse}}</style>
+</head><body><h2>fdfo evaluation</h2>
+<p>model: {esc(str(results['model']))}<br>checkpoint: {esc(str(results['checkpoint']))}<br>
+{results['prompts']} prompts × {results['repeats']} seeds, {results['steps']} steps, guidance {results['guidance']},
+{results['world_size']} rank(s), {results['seconds']} s</p>
+<table border=1><tr><th>metric</th>{head}</tr>{table}</table><ul>{notes}</ul>
+<table><tr><th>prompt</th>{''.join(f'<th>{esc(c)}</th>' for c in cols)}</tr>{body}</table></body></html>"""
+    (out / "report.html").write_text(page, encoding="utf-8")
+
+
+def _finite_or_null(obj):
+    """NaN/inf -> null, so that results.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m fdfo.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", help="diffusers SD3 pipeline directory, hub id or builtin:digits "
+                                   "(default: the checkpoint's run config)")
+    p.add_argument("--adapter", help="checkpoint: run dir, checkpoints/epoch_XXXX or its adapter/ folder "
+                                     "(none: evaluate the base model only)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file with one prompt per line (or builtin:digits)")
+    src.add_argument("--prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--metrics", nargs="+", help="reward names and/or 'diversity' (default: the run config's "
+                                                "rewards and eval metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
+    p.add_argument("--path", nargs="+", default=[], metavar="NAME=DIR", help="weights of a metric")
+    p.add_argument("--repeats", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-base", action="store_true", help="only the checkpoint")
+    p.add_argument("--guidance", type=float, help="CFG scale (1.0 = none)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--max-sequence-length", type=int)
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
+    p.add_argument("--reward-batch-size", type=int, default=8)
+    p.add_argument("--reward-device", help="run the reward models on another device, e.g. cuda:1")
+    p.add_argument("--report-prompts", type=int, default=8)
+    p.add_argument("--report-repeats", type=int, default=4)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device")
+    p.add_argument("--out", default="eval", help="output directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fdfo.prompts import load_prompts
+
+    args = parse_args(argv)
+    rank, world, created = init_distributed()
+    if args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if args.device and args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    try:
+        return _run(args, rank, world, load_prompts)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int, load_prompts) -> int:
+    t0 = time.time()
+    prompts = load_prompts(args.prompts) if args.prompts else list(args.prompt)
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    if args.metrics and DIVERSITY in args.metrics and args.repeats < 2:
+        raise ValueError("the diversity metric compares the repeats of a prompt: give --repeats 2 or more")
+    ckpt = resolve_checkpoint(args.adapter) if args.adapter else None
+    run = ckpt.run_config if ckpt else None
+    names = args.metrics or (list(dict.fromkeys([*run["reward"]["weights"], *run["eval"]["metrics"]])) if run
+                             else PUBLISHED_METRICS)
+    paths = dict(run["reward"]["paths"]) if run else {}
+    for spec in args.path:
+        name, eq, value = spec.partition("=")
+        if not eq:
+            raise ValueError(f"--path '{spec}' must look like NAME=DIR")
+        paths[name] = value
+
+    def prepare():
+        model, ckpt, settings = setup(args)
+        metrics, notes = build_metrics(names, paths, model.device, batch_size=args.reward_batch_size,
+                                       cache_dir=settings["cache_dir"], reward_device=args.reward_device)
+        return model, ckpt, settings, metrics, notes
+
+    if rank == 0:  # built-in models and weights are created once, by rank 0
+        model, ckpt, settings, metrics, notes = prepare()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        model, ckpt, settings, metrics, notes = prepare()
+    seeds = [args.seed + r for r in range(args.repeats)]
+    kw = dict(rank=rank, world_size=world, batch_size=args.batch_size, report_prompts=args.report_prompts,
+              report_repeats=args.report_repeats)
+    variants = {}
+    if ckpt is None or not args.no_base:
+        variants["base"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
+    if ckpt is not None:
+        apply_checkpoint(model, ckpt)
+        variants["checkpoint"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
+    if rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        results = results_json(prompts, seeds, settings, ckpt, notes, variants, world, time.time() - t0)
+        (out / "results.json").write_text(json.dumps(_finite_or_null(results), indent=1, allow_nan=False))
+        write_report(out, prompts, seeds, variants, results)
+        for name, entry in results["metrics"].items():
+            print(f"[fdfo] {name}: " + "  ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+        for name, note in notes.items():
+            if note.startswith("not available"):
+                print(f"[fdfo] {name}: {note}")
+        print(f"[fdfo] results -> {out / 'results.json'}, report -> {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
