@@ -73,17 +73,17 @@ class Trainer:
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
         # Built-in reward models are trained once by rank 0; the others wait and then load them.
-        reward_options = {"batch_size": cfg.reward.batch_size, "device": cfg.reward.device or self.device}
-        options = {name: reward_options for name in cfg.reward.weights}
+        reward_device = torch.device(cfg.reward.device) if cfg.reward.device else self.device
+        options = {name: {"batch_size": cfg.reward.batch_size} for name in cfg.reward.weights}
         if self.rank == 0:
-            self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, self.device,
+            self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, reward_device,
                                                 cfg.model.cache_dir, options)
         dist.barrier()
         if self.rank != 0:
-            self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, self.device,
+            self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, reward_device,
                                                 cfg.model.cache_dir, options)
-        self.eval_metrics = {name: build_reward(name, cfg.reward.paths.get(name), self.device, cfg.model.cache_dir,
-                                                **reward_options)
+        self.eval_metrics = {name: build_reward(name, cfg.reward.paths.get(name), reward_device, cfg.model.cache_dir,
+                                                batch_size=cfg.reward.batch_size)
                              for name in cfg.eval.metrics}
         if cfg.lora.enabled:
             self.model.add_lora(cfg.lora)

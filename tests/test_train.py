@@ -97,7 +97,7 @@ def test_nan_rewards_skip_the_batch_and_checkpoints_stay_finite(tmp_path, tiny_p
     from fdfo import rewards
     from fdfo.trainer import Trainer
 
-    def nan_reward(path, cache_dir, device):
+    def nan_reward(path, cache_dir, device, **options):
         def score(prompts, images):
             out = torch.rand(len(prompts))
             out[1] = float("nan")
