@@ -66,6 +66,8 @@ class SamplingConfig:
     churn_logit_std: float = 1.0
     micro_batch_pairs: int = 3  # pairs per sampling forward (2x rows)
     negative_prompt: str = ""
+    cuda_graphs: bool = True  # on CUDA: capture one sampling step as a CUDA graph and replay it
+    compile: bool = False  # torch.compile the velocity for sampling
 
 
 @dataclass

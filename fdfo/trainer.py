@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fdfo.config import RunConfig, epoch_layout, grpo_train_steps
 from fdfo.engine import Engine, find_checkpoint, setup_distributed
+from fdfo.gpu_stats import GpuStats
 from fdfo.flow_grpo import gaussian_logp, group_advantages, grpo_loss, sample_sde, sde_coefficients
 from fdfo import kernels
 from fdfo.models import Conditioning, load_flow_model, resolve_model_path
@@ -93,6 +94,16 @@ class Trainer:
         self.sigmas = self.model.sigmas(cfg.sampling.steps)  # [T + 1]
         self.guidance = cfg.sampling.guidance_scale
         self.uncond = self.model.encode([cfg.sampling.negative_prompt]) if self.guidance != 1.0 else None
+        # On CUDA the paired sampler runs as a captured CUDA graph (fused churn kernel, in-kernel Philox
+        # noise); elsewhere the eager sampler of fdfo.sampling runs the same maths.
+        self.graph_sampler = None
+        if self.device.type == "cuda" and cfg.train.algorithm == "fdfo":
+            from fdfo.graphs import GraphSampler
+
+            self.graph_sampler = GraphSampler.for_model(self.model, guidance_scale=self.guidance, uncond=self.uncond,
+                                                        graphs=cfg.sampling.cuda_graphs,
+                                                        compile=cfg.sampling.compile, log=self._say)
+        self.gpu_stats = GpuStats(self.device)
 
         self.epoch, self.global_step = 0, 0
         checkpoint = find_checkpoint(self.out_dir, resume) if resume else None
@@ -160,8 +171,13 @@ class Trainer:
                 g_prior, g_steps = churn_schedule(cfg.sampling.churn_schedule, cfg.sampling.churn_weight,
                                                   self.sigmas, 2 * p, gen_cpu, cfg.sampling.churn_logit_mean,
                                                   cfg.sampling.churn_logit_std)
-                traj = sample_pairs(self._velocity_fn(cond[i:i + p].repeat_rows(2)), latents, self.sigmas,
-                                    g_prior, g_steps, gen_dev)
+                if self.graph_sampler is not None:
+                    seed = int(torch.randint(2**62, (), generator=gen_cpu))
+                    traj = self.graph_sampler.sample(latents, cond[i:i + p].repeat_rows(2), self.sigmas, g_prior,
+                                                     g_steps, seed)
+                else:
+                    traj = sample_pairs(self._velocity_fn(cond[i:i + p].repeat_rows(2)), latents, self.sigmas,
+                                        g_prior, g_steps, gen_dev)
                 xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
         x0 = torch.cat(x0)  # [2P, C, H, W]
         row_prompts = [p for p in prompts for _ in range(2)]
@@ -200,6 +216,7 @@ class Trainer:
         cfg = self.cfg
         grpo = cfg.train.algorithm == "flow_grpo"
         t_start = time.time()
+        self.gpu_stats.begin()
         batch = self.sample_epoch_grpo(epoch) if grpo else self.sample_epoch(epoch)
         t_sampled = time.time()
         R = batch["rewards"]
@@ -238,6 +255,7 @@ class Trainer:
                       epoch_s=t_done - t_start, images_per_s=n_rows / (t_done - t_start))
         if not grpo:
             record["pairs_per_s"] = n_rows / 2 / (t_done - t_start)
+        record.update(self.gpu_stats.end())  # GPU utilisation, memory, power (nothing on CPU)
         self.report.log("epoch", record, self.global_step)
         if self.rank == 0 and cfg.log.plot_every and (epoch + 1) % cfg.log.plot_every == 0:
             grid_dir = self.out_dir / "samples"

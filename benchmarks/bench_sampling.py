@@ -1,0 +1,311 @@
+"""Paired-sampling throughput and model FLOP utilisation: eager, CUDA graph and torch.compile.
+
+Random-init weights in the real SD3.5 Medium transformer (speed does not depend on the
+values), LoRA rank 32 on the attention projections as while training, 512² images
+(64×64 latents), 40 steps with churn, CFG off and on, micro-batches of 2–26 rows.
+Every variant samples the same micro-batch:
+
+    published    the published code's loop: PyTorch ops, host-synchronising step (.item() per
+                 step), noise from torch.randn, trajectories gathered in lists; no kernels, no graphs
+    eager        fdfo.graphs.GraphSampler run eagerly: fused churn kernel, in-kernel Philox noise
+    graph        the same step captured once as a CUDA graph and replayed for every step
+    compile      eager with the transformer under torch.compile
+    graph+compile (opt-in) both
+
+First a correctness check on the GPU (graph trajectories bit-identical to eager; compile's
+largest difference from eager), then one timed run per variant after a short warm-up (the
+graph is captured there). MFU = FLOPs of the forwards (torch.utils.flop_counter on one
+forward) over time, against --peak-tflops (≈ 790 bf16 dense on an H100).
+
+    python benchmarks/bench_sampling.py --cfg off            # ≈ 5 min on an H100
+    python benchmarks/bench_sampling.py --cfg on
+    python benchmarks/bench_sampling.py --rows 8 --variants published graph
+    python benchmarks/bench_sampling.py --tiny               # smoke run (on CPU: published and eager only)
+
+Prints one line per measurement, a short table last, and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_zero import ARCHS, TARGETS  # noqa: E402  (also puts the repository root on sys.path)
+
+from fdfo.gpu_stats import GpuStats  # noqa: E402
+from fdfo.graphs import GraphSampler  # noqa: E402
+from fdfo.models.sd3 import Conditioning  # noqa: E402
+from fdfo.sampling import Trajectories, churn_schedule, churn_step, prior_churn  # noqa: E402
+
+VARIANTS = ("published", "eager", "graph", "compile", "graph+compile")
+
+
+# --------------------------------------------------------------------------- the published formulation
+
+
+@torch.no_grad()
+def sample_published(forward, latents, cond: Conditioning, uncond: Conditioning | None, guidance: float,
+                     sigmas: torch.Tensor, gamma_prior: torch.Tensor, gamma_steps: torch.Tensor,
+                     generator: torch.Generator) -> Trajectories:
+    """The step loop as the published code writes it: scalars read back to the host every step."""
+    device = latents.device
+    x = latents.repeat_interleave(2, dim=0)
+    rows, T = x.shape[0], sigmas.numel() - 1
+    sig = sigmas.to(device)
+    g_steps = gamma_steps.to(device, torch.float32)
+    x = prior_churn(x, gamma_prior.to(device, torch.float32),
+                    torch.randn(x.shape, generator=generator, device=device))
+    xs, vs = [], []
+    for k in range(T):
+        t, s = sig[k].item(), sig[k + 1].item()  # host synchronisation, every step
+        timestep = torch.full((rows,), t, device=device)
+        if guidance != 1.0:
+            both = Conditioning.cat([uncond.expand(rows), cond])
+            v_u, v_c = forward(torch.cat([x, x]), torch.cat([timestep, timestep]), both).chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = forward(x, timestep, cond)
+        xs.append(x)
+        vs.append(v)
+        x = churn_step(x, v, t, s, g_steps[k], torch.randn(x.shape, generator=generator, device=device))
+    return Trajectories(xs=torch.stack(xs, 1), vs=torch.stack(vs, 1), x0=x, sigmas=sigmas)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def build_transformer(arch: str, lora: int, device: torch.device, dtype: torch.dtype):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(**ARCHS[arch]).to(dtype)
+    net.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig
+
+        net.add_adapter(LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=TARGETS, init_lora_weights="gaussian"))
+        for p in net.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable LoRA weights in fp32, as SD3FlowModel.add_lora
+    return net.to(device).eval()
+
+
+def make_forward(net, dtype: torch.dtype):
+    """(x, σ, cond) -> v: the same call as SD3FlowModel._forward."""
+    def forward(x, sigma, cond):
+        return net(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=cond.embeds,
+                   pooled_projections=cond.pooled, return_dict=False)[0].float()
+    return forward
+
+
+def forward_flops(forward, x, sigma, cond) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(x, sigma, cond)
+    return counter.get_total_flops()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def skip_reason(variant: str, device: torch.device) -> str | None:
+    if "graph" in variant and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if "compile" in variant and device.type != "cuda":
+        return "torch.compile is not timed on CPU (minutes to build)"
+    return None
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, cfg: bool) -> list[dict]:
+    arch = ARCHS[args.arch]
+    C, side, L = arch["in_channels"], args.latent, args.text_tokens
+    P, T = rows // 2, sigmas.numel() - 1
+    guidance = args.guidance if cfg else 1.0
+    g = torch.Generator(device).manual_seed(rows)
+    latents = torch.randn(P, C, side, side, generator=g, device=device)
+    cond = Conditioning(torch.randn(rows, L, arch["joint_attention_dim"], generator=g, device=device).to(dtype),
+                        torch.randn(rows, arch["pooled_projection_dim"], generator=g, device=device).to(dtype))
+    uncond = Conditioning(torch.randn(1, L, arch["joint_attention_dim"], generator=g, device=device).to(dtype),
+                          torch.randn(1, arch["pooled_projection_dim"], generator=g, device=device).to(dtype))
+    g_prior, g_steps = churn_schedule("raw", args.churn, sigmas, rows)
+    short = sigmas[[0, T // 2, T]] if T >= 2 else sigmas  # warm-up grid: 2 steps
+    g_prior_s, g_steps_s = churn_schedule("raw", args.churn, short, rows)
+    seed = 1234 + rows
+
+    fwd_rows = 2 * rows if cfg else rows
+    both = Conditioning.cat([uncond.expand(rows), cond]) if cfg else cond
+    x_in = torch.zeros(fwd_rows, C, side, side, device=device)
+    flops_step = forward_flops(forward, x_in, torch.full((fwd_rows,), 0.5, device=device), both)
+
+    results, trajectories = [], {}
+    for variant in args.variants:
+        base = dict(arch=args.arch, latent=side, steps=T, cfg=cfg, rows=rows, variant=variant, lora=args.lora,
+                    flops_per_step=flops_step)
+        reason = skip_reason(variant, device)
+        if reason:
+            print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant}: skipped ({reason})", flush=True)
+            results.append({**base, "skipped": reason})
+            continue
+        try:
+            if variant == "published":
+                gen = torch.Generator(device)
+
+                def run(sig=sigmas, gp=g_prior, gs=g_steps):
+                    gen.manual_seed(seed)
+                    return sample_published(forward, latents, cond, uncond, guidance, sig, gp, gs, gen)
+
+                mode = "eager"
+                t0 = time.perf_counter()
+                run(short, g_prior_s, g_steps_s)
+            else:
+                sampler = GraphSampler(compiled if "compile" in variant else forward, guidance_scale=guidance,
+                                       uncond=uncond if cfg else None, graphs="graph" in variant, module=net,
+                                       log=lambda msg: print(f"    [{variant}] {msg}", flush=True))
+
+                def run(sig=sigmas, gp=g_prior, gs=g_steps, sampler=sampler):
+                    return sampler.sample(latents, cond, sig, gp, gs, seed)
+
+                t0 = time.perf_counter()
+                mode = sampler.prepare(latents, cond, sigmas)  # buffers (+ warm-up steps and capture), no sampling
+                if mode == "eager":
+                    run(short, g_prior_s, g_steps_s)  # lazy initialisation and compilation outside the timing
+            sync(device)
+            warm_s = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            stats = GpuStats(device)
+            stats.begin()
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                traj = run()
+            sync(device)
+            seconds = (time.perf_counter() - t0) / args.repeats
+            gpu = stats.end()
+        except torch.cuda.OutOfMemoryError as exc:
+            print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant}: out of memory ({exc})", flush=True)
+            results.append({**base, "skipped": "out of memory"})
+            torch.cuda.empty_cache()
+            continue
+        trajectories[variant] = traj
+        res = {**base, "mode": mode, "warmup_s": warm_s, "sample_s": seconds, "images_per_s": rows / seconds,
+               "tflops": flops_step * T / seconds / 1e12, "mfu": flops_step * T / seconds / (args.peak_tflops * 1e12),
+               "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None, **gpu}
+        results.append(res)
+        print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant} ({mode}): {res['images_per_s']:.3f} images/s, "
+              f"{seconds:.2f} s per micro-batch, MFU {100 * res['mfu']:.1f}%", flush=True)
+        del run
+    check(results, trajectories)
+    return results
+
+
+def check(results: list[dict], trajectories: dict) -> None:
+    """Graph (and compiled) trajectories against eager's for the same noise."""
+    ref = trajectories.get("eager")
+    for res in results:
+        traj = trajectories.get(res["variant"])
+        if ref is None or traj is None or res["variant"] in ("eager", "published"):
+            continue
+        same = all(torch.equal(a, b) for a, b in ((traj.xs, ref.xs), (traj.vs, ref.vs), (traj.x0, ref.x0)))
+        res["bitwise_equal_eager"] = same
+        res["max_abs_diff_x0"] = float((traj.x0 - ref.x0).abs().max())
+        if res["variant"] == "graph" and res.get("mode") == "graph" and not same:
+            print(f"  WARNING: graph trajectories differ from eager (rows={res['rows']}, cfg={res['cfg']}, "
+                  f"max |Δx0| = {res['max_abs_diff_x0']:.3g})", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def table(results: list[dict]) -> str:
+    ref = {(r["cfg"], r["rows"]): r["images_per_s"] for r in results
+           if r["variant"] == "published" and "images_per_s" in r}
+    lines = [f"{'cfg':>3} {'rows':>4} {'variant':<13} {'mode':<5} {'img/s':>9} {'×publ':>6} {'MFU':>6} {'=eager':>6}"]
+    for r in results:
+        if "images_per_s" not in r:
+            lines.append(f"{'on' if r['cfg'] else 'off':>3} {r['rows']:>4} {r['variant']:<13} skipped: {r['skipped']}")
+            continue
+        base = ref.get((r["cfg"], r["rows"]))
+        ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
+        eq = {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "-")
+        lines.append(f"{'on' if r['cfg'] else 'off':>3} {r['rows']:>4} {r['variant']:<13} {r['mode']:<5} "
+                     f"{r['images_per_s']:>9.3f} {ratio:>6} {100 * r['mfu']:>5.1f}% {eq:>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd35-medium")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: 512² images)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16, 26], help="rows (2 per pair)")
+    parser.add_argument("--cfg", choices=["off", "on"], nargs="+", default=["off", "on"])
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--churn", type=float, default=0.1, help="churn weight γ ('raw' schedule)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["published", "eager", "graph", "compile"])
+    parser.add_argument("--lora", type=int, default=32, help="LoRA rank on the attention projections (0: none)")
+    parser.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 tokens for SD3.5")
+    parser.add_argument("--repeats", type=int, default=1, help="timed micro-batches per variant")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100 ≈ 790)")
+    parser.add_argument("--out", default="benchmarks/sampling_results.json")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny architecture, 3 steps, rows 2 4")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.arch, args.steps, args.text_tokens, args.lora = "tiny", 3, 8, 4
+        if args.variants == parser.get_default("variants"):
+            args.variants = ["published", "eager", "graph"]  # compile only when asked: minutes per shape
+        if args.rows == parser.get_default("rows"):
+            args.rows = [2, 4]
+    if any(r % 2 for r in args.rows):
+        parser.error("--rows must be even (two rows per pair)")
+    args.latent = args.latent or ARCHS[args.arch]["sample_size"] // 2
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(args.steps, device="cpu")
+    sigmas = scheduler.sigmas.detach().clone().float()
+    net = build_transformer(args.arch, args.lora, device, dtype)
+    forward = make_forward(net, dtype)
+    compiled = None
+    if any("compile" in v for v in args.variants) and device.type == "cuda":
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)  # one graph per shape
+        compiled = make_forward(torch.compile(net, dynamic=False), dtype)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.arch} {args.latent}×{args.latent} latents, {args.steps} steps, LoRA r={args.lora}, {dtype}, "
+          f"{device_name}", flush=True)
+    results = []
+    for cfg in args.cfg:
+        for rows in args.rows:
+            results += run_config(args, net, forward, compiled, device, dtype, sigmas, rows, cfg == "on")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    out = {"device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv), "torch": torch.__version__, "args": vars(args), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {args.out}\n")
+    print(table(results), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
