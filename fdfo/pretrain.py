@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fdfo import digits
 from fdfo.models.tiny import build_tiny_sd3_pipeline
-from fdfo.sampling import churn_step
+from fdfo.sampling import sample_deterministic
 
 BASE_DIR_NAME = "digits-base-v2"  # v2: stops at 50% classifier accuracy
 REWARD_DIR_NAME = "digits-rewards-v1"
@@ -53,14 +53,14 @@ def euler_samples(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tens
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
                                                max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
     pipe.scheduler.set_timesteps(steps, device="cpu")
-    sigmas = pipe.scheduler.sigmas.float()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(prompts), 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE, generator=g)
-    for k in range(steps):
-        t = sigmas[k].expand(len(prompts))
-        v = pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
-        x = churn_step(x, v, t, sigmas[k + 1].expand(len(prompts)), 0.0, torch.zeros_like(x))
+    latents = torch.randn(len(prompts), 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE, generator=g)
+
+    def velocity(x, t):
+        return pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
+
+    x = sample_deterministic(velocity, latents, pipe.scheduler.sigmas.float())
     return (x / 2 + 0.5).clamp(0, 1)
 
 
