@@ -53,9 +53,7 @@ from torch.autograd.function import once_differentiable
 from fdfo.loss import MS_EPS
 from fdfo.loss import fdfo_loss as reference  # noqa: F401  (the ground truth this kernel must match)
 
-from .launch import FLOAT_TYPES, check_device, empty, next_pow2, rows_view
-
-MAX_CHUNKS = 256  # per row; a chunk is TILES·BLOCK elements
+from .launch import FLOAT_TYPES, check_device, empty, launch_config, next_pow2, rows_view
 
 
 @triton.jit
@@ -156,18 +154,6 @@ def _finish_kernel(
             tl.store(loss_ptr, tl.sum(tl.where(rmask, losses, 0.0), axis=0) / rows)
             tl.store(metric_ptr, tl.sum(tl.where(clipped, 1.0, 0.0), axis=0) / rows)
             tl.store(metric_ptr + 1, tl.sum(tl.where(rmask, ratios, 0.0), axis=0) / rows)
-
-
-def launch_config(n: int, block: int | None = None, max_chunks: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK, TILES, chunks) for rows of n elements: chunks of TILES·BLOCK, at most max_chunks per row."""
-    block = block or min(2048, next_pow2(n))
-    max_chunks = max_chunks or MAX_CHUNKS
-    tiles = 1
-    chunks = triton.cdiv(n, block)
-    if chunks > max_chunks:
-        tiles = triton.cdiv(chunks, max_chunks)
-        chunks = triton.cdiv(n, block * tiles)
-    return block, tiles, chunks
 
 
 def fd_loss_forward(

@@ -16,6 +16,8 @@ import triton
 # (Buffers the caller passes as ``out=`` are the caller's to poison: they may alias an input.)
 POISON = False
 
+MAX_CHUNKS = 256  # programs per row at most; a chunk is TILES·BLOCK elements
+
 # Element types the kernels load and store (they compute in fp32 whatever the storage).
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,3 +78,15 @@ def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
             "or use the torch backend (fdfo.kernels.set_backend('torch'))."
         )
     return device
+
+
+def launch_config(n: int, block: int | None = None, max_chunks: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK, TILES, chunks) for rows of n elements: chunks of TILES·BLOCK, at most max_chunks per row."""
+    block = block or min(2048, next_pow2(n))
+    max_chunks = max_chunks or MAX_CHUNKS
+    tiles = 1
+    chunks = triton.cdiv(n, block)
+    if chunks > max_chunks:
+        tiles = triton.cdiv(chunks, max_chunks)
+        chunks = triton.cdiv(n, block * tiles)
+    return block, tiles, chunks

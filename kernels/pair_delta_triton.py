@@ -23,9 +23,7 @@ import triton.language as tl
 
 from fdfo.loss import pair_delta as reference  # noqa: F401  (the ground truth this kernel must match)
 
-from .launch import FLOAT_TYPES, check_device, empty, next_pow2, rows_view
-
-MAX_CHUNKS = 256
+from .launch import FLOAT_TYPES, check_device, empty, launch_config, next_pow2, rows_view
 
 
 @triton.jit
@@ -85,13 +83,7 @@ def pair_delta(x0: torch.Tensor, rewards: torch.Tensor, block: int | None = None
     n = x0[0].numel()
     x2 = rows_view(x0, rows)
     r1 = rewards.contiguous()
-    BLOCK = block or min(2048, next_pow2(n))
-    max_chunks = max_chunks or MAX_CHUNKS
-    tiles = 1
-    C = triton.cdiv(n, BLOCK)
-    if C > max_chunks:
-        tiles = triton.cdiv(C, max_chunks)
-        C = triton.cdiv(n, BLOCK * tiles)
+    BLOCK, tiles, C = launch_config(n, block, max_chunks)
 
     d = empty((rows, n), x0.dtype, device)
     dR = empty((rows,), rewards.dtype, device)
