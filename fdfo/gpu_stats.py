@@ -92,7 +92,7 @@ class GpuStats:
         """The interval's figures (keys prefixed ``gpu/``); {} without NVML."""
         if not self.enabled:
             return {}
-        nv, h, out = self.pynvml, self.handle, {}
+        nv, out = self.pynvml, {}
         util = self._mean_samples(nv.NVML_GPU_UTILIZATION_SAMPLES)
         mem_util = self._mean_samples(nv.NVML_MEMORY_UTILIZATION_SAMPLES)
         if util is None or mem_util is None:

@@ -9,7 +9,6 @@ model_index.json) works in pixel space: decoding is the identity map.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
