@@ -61,8 +61,9 @@ def next_pow2(n: int) -> int:
 
 
 def is_interpreted(kernel) -> bool:
-    """True when ``kernel`` was decorated while TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
-    return type(kernel).__name__ == "InterpretedFunction"
+    """True when ``kernel`` was decorated while TRITON_INTERPRET=1 (it then runs on CPU tensors), or is
+    a ``fdfo.kernels.aot.LaunchRecorder`` (which only records launches, so CPU tensors do too)."""
+    return type(kernel).__name__ in ("InterpretedFunction", "LaunchRecorder")
 
 
 def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
