@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_TAG = "state"
+UNIVERSAL_TAG = "state_universal"  # the same state, converted for another number of ranks
 ADAPTER_DIR = "adapter"
 TRANSFORMER_DIR = "transformer"
 
@@ -193,16 +194,79 @@ class Engine:
         dist.barrier()
 
     def load(self, directory: Path) -> dict:
+        """Resume from ``directory``; a checkpoint written by another number of ranks is first converted
+        to DeepSpeed's universal format (once, kept beside the sharded state as ``state_universal/``)."""
         directory = Path(directory)
         if not (directory / CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"'{directory}' is not an fdfo checkpoint (no '{CHECKPOINT_TAG}/' inside)")
-        path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        saved_ranks = saved_world_size(directory / CHECKPOINT_TAG)
+        tag = CHECKPOINT_TAG
+        if saved_ranks is not None and saved_ranks != self.world_size:
+            tag = self._universal(directory, saved_ranks)
+            self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        try:
+            path, client = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in '{directory}'")
         state = client["trainer"]
-        set_rng_state(state.pop("rng"))
+        rng = state.pop("rng")
+        if saved_ranks in (None, self.world_size):
+            set_rng_state(rng)  # (per-rank streams; nothing the trainer draws depends on them across ranks)
         return state
+
+    def _universal(self, directory: Path, saved_ranks: int) -> str:
+        """Rank 0 converts ``state/`` to ``state_universal/`` (atomically) unless it exists; returns the tag."""
+        import torch.distributed as dist
+
+        out = directory / UNIVERSAL_TAG
+        if self.rank == 0 and not out.is_dir():
+            print(f"[fdfo] checkpoint '{directory}' was written by {saved_ranks} rank(s), this run has "
+                  f"{self.world_size}: converting it to DeepSpeed's universal format in '{out}'", flush=True)
+            convert_to_universal(directory / CHECKPOINT_TAG, out)
+        dist.barrier()
+        if not out.is_dir():
+            raise RuntimeError(f"no universal checkpoint at '{out}' (the conversion on rank 0 failed)")
+        return UNIVERSAL_TAG
+
+
+def saved_world_size(state_dir: Path) -> int | None:
+    """Data-parallel ranks that wrote a DeepSpeed checkpoint directory (one optimizer shard each under
+    ZeRO 1-3); None for an unsharded (stage 0) checkpoint, which loads on any number of ranks."""
+    state_dir = Path(state_dir)
+    shards = list(state_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    if shards:
+        return len(shards)
+    if (state_dir / "mp_rank_00_model_states.pt").is_file():
+        return None
+    raise FileNotFoundError(f"'{state_dir}' holds neither ZeRO optimizer shards (*zero_pp_rank_*_optim_states.pt) "
+                            "nor mp_rank_00_model_states.pt; is it a complete checkpoint?")
+
+
+def convert_to_universal(state_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on ``state_dir`` into ``out``, written to a temporary sibling first."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    state_dir, out = Path(state_dir), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(input_folder=str(state_dir), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    try:
+        ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"converting '{state_dir}' to a universal checkpoint failed ({e}); resume on the "
+                           "number of ranks that wrote it, or start a new run from its exported adapter") from e
+    stray = tmp.parent / "latest_universal"  # ds_to_universal also writes a 'latest' file beside its output
+    if stray.is_file():
+        stray.unlink()
+    _fsync_tree(tmp)
+    os.replace(tmp, out)
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path | None:

@@ -2,11 +2,13 @@
 
 The epoch's samples are seeded by global micro-batch, so a 2-rank run and a 1-rank run
 on the same global batch must take the same optimizer step; a 2-rank checkpoint must
-resume on 2 ranks exactly.
+resume on 2 ranks exactly, and a checkpoint resumed on another number of ranks (through
+DeepSpeed's universal format) must continue like the run that wrote it.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> None:
+def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> str:
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -35,6 +37,7 @@ def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> None:
            "fdfo/train.py", "--config", str(path), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 def adapter(run: Path, epoch: int) -> dict:
@@ -86,6 +89,25 @@ def test_zero3_two_ranks_equal_one_rank_and_resume_exactly(tmp_path, tiny_pipeli
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
     assert records(resumed, "epoch")[-1]["reward_mean"] == records(two, "epoch")[-1]["reward_mean"]
+
+    # Another number of ranks: the sharded state is converted to DeepSpeed's universal format and the
+    # next epoch equals the 2-rank run's (2 -> 1 from the 2-rank checkpoint, 1 -> 2 from the 1-rank one).
+    w_before = adapter(two, 1)
+    assert any(not torch.equal(wa[k], w_before[k]) for k in wa)  # epoch 2 did move the weights
+    for ranks, source in ((1, two), (2, one)):
+        ckpt = tmp_path / f"from_{source.name}"
+        shutil.copytree(source / "checkpoints" / "epoch_0001", ckpt)
+        run = tmp_path / f"on_{ranks}_from_{source.name}"
+        out = launch(ranks, _cfg(run, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2), tmp_path,
+                     "--resume", str(ckpt))
+        assert "converting it to DeepSpeed's universal format" in out
+        assert (ckpt / "state_universal").is_dir() and not (ckpt / "latest_universal").exists()
+        w = adapter(run, 2)
+        for k in wa:
+            torch.testing.assert_close(w[k], wa[k], rtol=1e-4, atol=1e-6)
+        assert records(run, "epoch")[-1]["reward_mean"] == pytest.approx(records(two, "epoch")[-1]["reward_mean"],
+                                                                          rel=1e-6)
+        assert [r["epoch"] for r in records(run, "epoch")] == [2]  # (epoch 1 ran in the source run)
 
 
 def test_zero2_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts):
