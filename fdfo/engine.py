@@ -103,6 +103,12 @@ def deepspeed_config(cfg, layout: dict, world_size: int, bf16: bool = False) -> 
     return ds
 
 
+def optimizer_offload(ds_config: dict) -> str | None:
+    """The device ZeRO offloads the optimizer state to ("cpu", "nvme"), or None."""
+    device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return None if device in (None, "none") else device
+
+
 class Engine:
     """DeepSpeed engine around the flow model's transformer, with AdamW on its trainable weights."""
 
@@ -114,12 +120,21 @@ class Engine:
         if not params:
             raise ValueError("the model has no trainable parameters (check lora.target_modules)")
         t = cfg.train
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_eps, weight_decay=t.weight_decay)
         # Full fine-tuning of a bf16 model: DeepSpeed's bf16 mode (fp32 master weights in the optimizer).
         # LoRA keeps its trainable weights in fp32 beside the frozen bf16 base, so it needs no mode.
         bf16 = not cfg.lora.enabled and model.dtype == torch.bfloat16
         self.ds_config = deepspeed_config(cfg, layout, world_size, bf16=bf16)
+        hyper = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                     weight_decay=t.weight_decay)
+        self.optimizer_offload = optimizer_offload(self.ds_config)
+        if self.optimizer_offload:
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (decoupled
+            # weight decay, as AdamW), built on first use; DeepSpeed refuses a torch optimizer here.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+        else:
+            optimizer = torch.optim.AdamW(params, **hyper)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]

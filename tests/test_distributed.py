@@ -110,9 +110,10 @@ def test_zero3_two_ranks_equal_one_rank_and_resume_exactly(tmp_path, tiny_pipeli
         assert [r["epoch"] for r in records(run, "epoch")] == [2]  # (epoch 1 ran in the source run)
 
 
-def test_zero2_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts):
-    """ZeRO-2 on 2 ranks takes the same LoRA step as ZeRO-3 on 1 rank; full fine-tuning runs under
-    ZeRO-3 on 2 ranks and exports a diffusers transformer that differs from the base."""
+def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts):
+    """ZeRO-2 and ZeRO-3 with CPU offload on 2 ranks take the same LoRA step as ZeRO-3 on 1 rank;
+    full fine-tuning runs under ZeRO-3 on 2 ranks and exports a diffusers transformer that differs
+    from the base."""
     from diffusers import SD3Transformer2DModel
 
     one = tmp_path / "one"
@@ -124,6 +125,16 @@ def test_zero2_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digi
     w2, w1 = adapter(z2, 1), adapter(one, 1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+
+    # ZeRO-3 with parameters and optimizer offloaded to the CPU (DeepSpeed's CPU AdamW): the same step.
+    off = tmp_path / "offload"
+    cfg = _cfg(off, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1)
+    cfg.deepspeed.config = str(ROOT / "configs/ds/zero3_offload.json")
+    launch(2, cfg, tmp_path)
+    w_off = adapter(off, 1)
+    assert any(w_off[k].abs().max() > 0 for k in w_off if "lora_B" in k)  # B starts at zero: the step happened
+    for k in w1:
+        torch.testing.assert_close(w_off[k], w1[k], rtol=1e-4, atol=1e-6)
 
     full = tmp_path / "full"
     cfg = _cfg(full, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1)
