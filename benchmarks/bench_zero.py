@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fdfo.engine import adamw  # noqa: E402
+
 ARCHS = {
     # diffusers SD3Transformer2DModel configs of the published checkpoints.
     "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -78,7 +80,7 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
     if args.full and dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
     model = model.to(device) if stage != 3 or not args.offload else model
-    opt = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
+    opt = adamw(params, ds, lr=3e-5, weight_decay=1e-4)  # DeepSpeed's CPU AdamW under optimizer offload
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     C, L = arch["in_channels"], args.text_tokens
     g = torch.Generator(device).manual_seed(rank)

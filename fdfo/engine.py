@@ -109,6 +109,16 @@ def optimizer_offload(ds_config: dict) -> str | None:
     return None if device in (None, "none") else device
 
 
+def adamw(params, ds_config: dict, **hyper) -> torch.optim.Optimizer:
+    """AdamW for the engine: torch's, or under ZeRO-Offload of the optimizer DeepSpeed's vectorised
+    CPU Adam in AdamW mode (DeepSpeed refuses a torch optimizer there; its op is built on first use)."""
+    if optimizer_offload(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+    return torch.optim.AdamW(params, **hyper)
+
+
 class Engine:
     """DeepSpeed engine around the flow model's transformer, with AdamW on its trainable weights."""
 
@@ -124,17 +134,8 @@ class Engine:
         # LoRA keeps its trainable weights in fp32 beside the frozen bf16 base, so it needs no mode.
         bf16 = not cfg.lora.enabled and model.dtype == torch.bfloat16
         self.ds_config = deepspeed_config(cfg, layout, world_size, bf16=bf16)
-        hyper = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                     weight_decay=t.weight_decay)
-        self.optimizer_offload = optimizer_offload(self.ds_config)
-        if self.optimizer_offload:
-            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (decoupled
-            # weight decay, as AdamW), built on first use; DeepSpeed refuses a torch optimizer here.
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
-        else:
-            optimizer = torch.optim.AdamW(params, **hyper)
+        optimizer = adamw(params, self.ds_config, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                          eps=t.adam_eps, weight_decay=t.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]
