@@ -183,6 +183,33 @@ def emulate_published_sampler(trainer) -> None:
     trainer._velocity_fn = velocity_fn
 
 
+def model_flop_utilisation(args, trainer, rec: dict) -> dict:
+    """Transformer TFLOP/s and MFU of the epoch's sampling phase and training phase.
+
+    Every one of the epoch's 2·P·T (row, step) elements is evaluated once while sampling and trained
+    once, so each phase's FLOPs are 2·P·T times the per-row FLOPs that torch's counter gives for one
+    velocity (forward; forward + backward for training). The sampling phase's time also holds text
+    encoding, VAE decode and the reward, which are not counted: its MFU is a lower bound on the
+    sampler's own.
+    """
+    from fdfo.flops import peak_bf16_tflops, velocity_flops
+
+    cfg, model = trainer.cfg, trainer.model
+    rows = cfg.train.micro_batch_rows
+    elements = 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps
+    out = {}
+    for phase, train, seconds in (("sample", False, rec.get("sample_s")), ("train", True, rec.get("train_s"))):
+        per_row = velocity_flops(model, rows, trainer.guidance, trainer.uncond, train=train) / rows
+        out[f"{phase}_flops_per_row"] = per_row
+        out[f"{phase}_tflops"] = per_row * elements / seconds / 1e12 if seconds else None
+    peak = args.peak_tflops or peak_bf16_tflops(trainer.device)
+    out["peak_tflops"] = peak
+    for phase in ("sample", "train"):
+        tf = out[f"{phase}_tflops"]
+        out[f"{phase}_mfu"] = tf / peak if (tf is not None and peak) else None
+    return out
+
+
 def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: Path) -> dict:
     from fdfo.trainer import Trainer
 
@@ -200,6 +227,7 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
         torch.cuda.reset_peak_memory_stats(device)
     rec = trainer.train_epoch(args.warmup_epochs)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    util = model_flop_utilisation(args, trainer, rec)
     sampler = "sample_pairs+sync" if variant == "published" else (
         trainer.graph_sampler.mode if trainer.graph_sampler is not None else "sample_pairs")
     from fdfo import kernels
@@ -212,11 +240,12 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
         "warmup_epochs": args.warmup_epochs, "setup_s": setup_s,
         "pairs_per_s": rec.get("pairs_per_s"), "sample_s": rec.get("sample_s"), "train_s": rec.get("train_s"),
         "epoch_s": rec.get("epoch_s"), "skipped": rec.get("skipped"), "reward_mean": rec.get("reward_mean"),
-        "peak_gib": peak,
+        "peak_gib": peak, **util,
     }
+    mfu = "".join(f"  MFU {k[:-4]} {100 * util[k]:.1f}%" for k in ("sample_mfu", "train_mfu") if util[k] is not None)
     print(f"{variant:>9}: {result['pairs_per_s']:.4g} pairs/s  epoch {result['epoch_s']:.3g}s "
           f"(sample {result['sample_s']:.3g}s, train {result['train_s']:.3g}s)  sampler={sampler} "
-          f"kernels={cfg.train.kernels}" + (f"  peak {peak:.1f} GiB" if peak is not None else ""), flush=True)
+          f"kernels={cfg.train.kernels}" + (f"  peak {peak:.1f} GiB" if peak is not None else "") + mfu, flush=True)
     trainer.report.close()
     del trainer
     gc.collect()
@@ -239,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-epochs", type=int, default=0, help="untimed epochs before the timed one")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (CPU smoke run)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak for MFU (default: by GPU name, fdfo.flops.PEAK_BF16_TFLOPS)")
     parser.add_argument("--out", default="benchmarks/epoch_results.json", help="JSON output")
     args = parser.parse_args(argv)
     tiny_defaults = dict(pairs=4, steps=4, micro_pairs=2, micro_rows=4)
@@ -286,10 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(report, indent=2))
 
     print(f"\none epoch, {args.pairs} pairs, {args.steps} steps, guidance {args.guidance}, {gpu}")
-    print(f"{'variant':>9} | {'pairs/s':>9} | {'sample_s':>9} | {'train_s':>9} | {'epoch_s':>9}")
+    print(f"{'variant':>9} | {'pairs/s':>9} | {'sample_s':>9} | {'train_s':>9} | {'epoch_s':>9} | "
+          f"{'sample TF/s':>11} | {'train TF/s':>10} | {'MFU s/t':>11}")
     for r in results:
+        mfu = "-" if r["sample_mfu"] is None else f"{100 * r['sample_mfu']:.1f}/{100 * r['train_mfu']:.1f}%"
         print(f"{r['variant']:>9} | {r['pairs_per_s']:>9.4g} | {r['sample_s']:>9.4g} | {r['train_s']:>9.4g} | "
-              f"{r['epoch_s']:>9.4g}")
+              f"{r['epoch_s']:>9.4g} | {r['sample_tflops']:>11.4g} | {r['train_tflops']:>10.4g} | {mfu:>11}")
     if ratio is not None:
         print(f"fast / published: {ratio:.3g}x pairs/s")
     print(f"JSON: {out}")

@@ -15,7 +15,8 @@ Every variant samples the same micro-batch:
 First a correctness check on the GPU (graph trajectories bit-identical to eager; compile's
 largest difference from eager), then one timed run per variant after a short warm-up (the
 graph is captured there). MFU = FLOPs of the forwards (torch.utils.flop_counter on one
-forward) over time, against --peak-tflops (≈ 790 bf16 dense on an H100).
+forward) over time, against the GPU's dense bf16 peak (fdfo.flops: 989.4 TFLOP/s for an H100
+SXM or H200; --peak-tflops overrides; no MFU where the peak is unknown, e.g. on a CPU).
 
     python benchmarks/bench_sampling.py --cfg off            # ≈ 5 min on an H100
     python benchmarks/bench_sampling.py --cfg on
@@ -40,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_zero import ARCHS, TARGETS  # noqa: E402  (also puts the repository root on sys.path)
 
+from fdfo.flops import count_flops, peak_bf16_tflops  # noqa: E402
 from fdfo.gpu_stats import GpuStats  # noqa: E402
 from fdfo.graphs import GraphSampler  # noqa: E402
 from fdfo.models.sd3 import Conditioning  # noqa: E402
@@ -107,11 +109,8 @@ def make_forward(net, dtype: torch.dtype):
 
 
 def forward_flops(forward, x, sigma, cond) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        forward(x, sigma, cond)
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return count_flops(lambda: forward(x, sigma, cond))
 
 
 def sync(device: torch.device) -> None:
@@ -150,6 +149,7 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
     both = Conditioning.cat([uncond.expand(rows), cond]) if cfg else cond
     x_in = torch.zeros(fwd_rows, C, side, side, device=device)
     flops_step = forward_flops(forward, x_in, torch.full((fwd_rows,), 0.5, device=device), both)
+    peak = args.peak_tflops or peak_bf16_tflops(device)
 
     results, trajectories = [], {}
     for variant in args.variants:
@@ -202,11 +202,13 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
             continue
         trajectories[variant] = traj
         res = {**base, "mode": mode, "warmup_s": warm_s, "sample_s": seconds, "images_per_s": rows / seconds,
-               "tflops": flops_step * T / seconds / 1e12, "mfu": flops_step * T / seconds / (args.peak_tflops * 1e12),
+               "tflops": flops_step * T / seconds / 1e12,
+               "mfu": flops_step * T / seconds / (peak * 1e12) if peak else None, "peak_tflops": peak,
                "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None, **gpu}
         results.append(res)
         print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant} ({mode}): {res['images_per_s']:.3f} images/s, "
-              f"{seconds:.2f} s per micro-batch, MFU {100 * res['mfu']:.1f}%", flush=True)
+              f"{seconds:.2f} s per micro-batch, {res['tflops']:.4g} TFLOP/s"
+              + (f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] is not None else ""), flush=True)
         del run
     check(results, trajectories)
     return results
@@ -241,8 +243,9 @@ def table(results: list[dict]) -> str:
         base = ref.get((r["cfg"], r["rows"]))
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
         eq = {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "-")
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"{'on' if r['cfg'] else 'off':>3} {r['rows']:>4} {r['variant']:<13} {r['mode']:<5} "
-                     f"{r['images_per_s']:>9.3f} {ratio:>6} {100 * r['mfu']:>5.1f}% {eq:>6}")
+                     f"{r['images_per_s']:>9.3f} {ratio:>6} {mfu:>6} {eq:>6}")
     return "\n".join(lines)
 
 
@@ -259,7 +262,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora", type=int, default=32, help="LoRA rank on the attention projections (0: none)")
     parser.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 tokens for SD3.5")
     parser.add_argument("--repeats", type=int, default=1, help="timed micro-batches per variant")
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100 ≈ 790)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak for MFU (default: by GPU name, fdfo.flops.PEAK_BF16_TFLOPS; "
+                             "H100 SXM 989.4)")
     parser.add_argument("--out", default="benchmarks/sampling_results.json")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny architecture, 3 steps, rows 2 4")
     args = parser.parse_args(argv)

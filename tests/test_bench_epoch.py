@@ -24,4 +24,8 @@ def test_bench_epoch_tiny_on_cpu(tmp_path):
     assert by["published"]["kernels"] == "torch" and by["published"]["cuda_graphs"] is False
     assert by["published"]["sampler"] == "sample_pairs+sync"
     assert report["speedup_fast_over_published"] > 0
+    for r in by.values():  # transformer FLOPs per row: training (forward + backward) costs more than sampling
+        assert r["sample_flops_per_row"] > 0 and 1.5 < r["train_flops_per_row"] / r["sample_flops_per_row"] < 3
+        assert r["sample_tflops"] > 0 and r["train_tflops"] > 0
+        assert r["peak_tflops"] is None and r["sample_mfu"] is None  # no peak for a CPU: no MFU claimed
     assert "fast / published" in proc.stdout
