@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from fdfo import atomic
 
 DIGIT_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -268,22 +269,9 @@ def _train_judge(data: DigitData, l2: float, iters: int) -> DigitJudge:
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_module(module: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
@@ -296,7 +284,7 @@ def save_module(module: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
     info = {"class": type(module).__name__, "config": module.config, **(meta or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     header = {"class": info["class"], "config": json.dumps(module.config)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic.write_file(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     write_json(path.with_suffix(".json"), info)
 
 

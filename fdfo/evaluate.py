@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fdfo import atomic
 from fdfo.generate import (Checkpoint, apply_checkpoint, generate_images, image_grid, resolve_checkpoint, setup,
                            to_pil)
 from fdfo.rewards import RewardUnavailable, build_reward, report_nonfinite
@@ -342,7 +343,7 @@ def _run(args, rank: int, world: int, load_prompts) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         results = results_json(prompts, seeds, settings, ckpt, notes, variants, world, time.time() - t0)
-        (out / "results.json").write_text(json.dumps(_finite_or_null(results), indent=1, allow_nan=False))
+        atomic.write_text(out / "results.json", json.dumps(_finite_or_null(results), indent=1, allow_nan=False))
         write_report(out, prompts, seeds, variants, results)
         for name, entry in results["metrics"].items():
             print(f"[fdfo] {name}: " + "  ".join(f"{k}={v:.4g}" for k, v in entry.items()))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import digits
+from fdfo import atomic, digits
 from fdfo.models.tiny import build_tiny_sd3_pipeline
 from fdfo.sampling import sample_deterministic
 
@@ -140,8 +140,7 @@ def _save_pipeline_atomically(pipe, out_dir: Path, info: dict) -> None:
     finally:
         diffusers_logging.set_verbosity(level)
     (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    atomic.replace_dir(tmp, out_dir)
 
 
 def ensure_digits_rewards(root: Path, progress: bool = True) -> Path:

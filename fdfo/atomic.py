@@ -1,0 +1,64 @@
+"""Writes that either complete or leave the previous file (or directory) untouched.
+
+Everything is written to a temporary sibling first, flushed to disk, then renamed into
+place (``os.replace`` is atomic within a file system), so a crash, a full disk or a
+killed job never leaves a half-written checkpoint, model or result behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_file(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        _fsync_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file under ``root`` to disk (before the directory is renamed into place)."""
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the completed directory ``tmp`` to ``final``, replacing any directory there.
+
+    The old directory is renamed aside first and deleted only once the new one is in place,
+    so at every moment either the old or the new directory exists under ``final``'s name
+    (or under ``final.old`` for the instant between the two renames).
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
