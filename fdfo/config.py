@@ -153,6 +153,10 @@ class DeepSpeedConfig:
     # ZeRO stage; None = the stage named in `config`, else 0 (replicated, DDP-style).
     zero_stage: int | None = field(default=None, metadata=_choices(0, 1, 2, 3))
     config: str | None = None  # a DeepSpeed JSON (configs/ds/*.json) merged in; batch sizes come from here
+    # ZeRO-3: sample from a persistent unpartitioned copy of the transformer (one more copy of its
+    # weights per GPU; refreshed in place each epoch, so a CUDA graph over it is captured once per run).
+    # false: gather the partitioned weights into the module for each sampling phase instead.
+    inference_copy: bool = True
 
 
 @dataclass

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from fdfo import atomic
 
 CHECKPOINT_TAG = "state"
 UNIVERSAL_TAG = "state_universal"  # the same state, converted for another number of ranks
@@ -119,6 +122,61 @@ def adamw(params, ds_config: dict, **hyper) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **hyper)
 
 
+class InferenceCopy:
+    """A persistent, unpartitioned copy of a ZeRO-3-partitioned module, for sampling.
+
+    Under ZeRO-3 each rank holds a slice of every weight, and a forward all-gathers them layer by
+    layer. Sampling runs T forwards per micro-batch, so it samples from this copy instead: built
+    once (same architecture and adapters, every tensor allocated straight on the device in its
+    source dtype, nothing materialised twice), refreshed in place from the partitioned weights
+    before each sampling phase (the frozen base once, the trainable weights every time), so its
+    tensors never move and a CUDA graph captured over it stays valid for the whole run.
+    """
+
+    GATHER_NUMEL = 1 << 27  # elements gathered at once while refreshing (bounds the transient memory)
+
+    def __init__(self, source: nn.Module, device: torch.device):
+        self.source, self.device = source, torch.device(device)
+        with torch.device("meta"):
+            module = type(source).from_config(source.config)
+            for name, peft_config in (getattr(source, "peft_config", None) or {}).items():
+                module.add_adapter(peft_config, adapter_name=name)
+        params = dict(source.named_parameters(remove_duplicate=False))
+        buffers = dict(source.named_buffers(remove_duplicate=False))
+        for prefix, sub in module.named_modules():
+            for leaf, p in list(sub._parameters.items()):
+                if p is None:
+                    continue
+                src = params[f"{prefix}.{leaf}" if prefix else leaf]
+                shape = getattr(src, "ds_shape", src.shape)  # the full shape of a partitioned weight
+                sub._parameters[leaf] = nn.Parameter(torch.empty(shape, dtype=src.dtype, device=self.device),
+                                                     requires_grad=False)
+            for leaf, b in list(sub._buffers.items()):
+                if b is not None:  # buffers are never partitioned
+                    sub._buffers[leaf] = buffers[f"{prefix}.{leaf}" if prefix else leaf].detach().to(self.device).clone()
+        self.module = module.eval()
+        self.synced_frozen = False
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the current weights in: all of them the first time, then only the trainable ones."""
+        import deepspeed
+
+        dst = dict(self.module.named_parameters(remove_duplicate=False))
+        todo = [(n, p) for n, p in self.source.named_parameters() if p.requires_grad or not self.synced_frozen]
+        group, numel = [], 0
+        for item in todo + [None]:
+            if item is not None:
+                group.append(item)
+                numel += int(getattr(item[1], "ds_numel", item[1].numel()))
+            if group and (item is None or numel >= self.GATHER_NUMEL):
+                with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+                    for name, p in group:
+                        dst[name].copy_(p.data)
+                group, numel = [], 0
+        self.synced_frozen = True
+
+
 class Engine:
     """DeepSpeed engine around the flow model's transformer, with AdamW on its trainable weights."""
 
@@ -140,6 +198,11 @@ class Engine:
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase.
+        self.inference_copy = None
+        if self.zero_stage == 3 and cfg.deepspeed.inference_copy:
+            self.inference_copy = InferenceCopy(model.transformer, model.device)
+            model.inference_transformer = self.inference_copy.module
 
     # ------------------------------------------------------------------ sampling
 
@@ -147,10 +210,16 @@ class Engine:
         """Context for sampling and evaluation with materialised weights.
 
         Under ZeRO-3 every forward would all-gather each layer again; for the T × micro-batch
-        forwards of an epoch's sampling the weights are gathered once, for the whole context,
-        instead. Other stages keep full weights on every rank: nothing to do.
+        forwards of an epoch's sampling the weights are gathered once instead: into the persistent
+        inference copy (``model.inference_transformer``, which sampling then uses) when there is one,
+        else into the partitioned module itself for the duration of the context. ``params``: gather
+        just these into the module (e.g. the weights to export). Other stages keep full weights on
+        every rank: nothing to do.
         """
         if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        if params is None and self.inference_copy is not None:
+            self.inference_copy.sync()
             return contextlib.nullcontext()
         import deepspeed
 
@@ -197,16 +266,8 @@ class Engine:
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(
                 {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
-            _fsync_tree(tmp)
-            if directory.exists():
-                old = directory.with_name(directory.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-            _write_atomic(directory.parent / "latest", directory.name)
+            atomic.replace_dir(tmp, directory)
+            atomic.write_text(directory.parent / "latest", directory.name)
         dist.barrier()
 
     def load(self, directory: Path) -> dict:
@@ -227,6 +288,8 @@ class Engine:
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in '{directory}'")
+        if self.inference_copy is not None:
+            self.inference_copy.synced_frozen = False  # (full FT: the loaded weights differ everywhere)
         state = client["trainer"]
         rng = state.pop("rng")
         if saved_ranks in (None, self.world_size):
@@ -281,8 +344,7 @@ def convert_to_universal(state_dir: Path, out: Path) -> None:
     stray = tmp.parent / "latest_universal"  # ds_to_universal also writes a 'latest' file beside its output
     if stray.is_file():
         stray.unlink()
-    _fsync_tree(tmp)
-    os.replace(tmp, out)
+    atomic.replace_dir(tmp, out)
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
@@ -310,19 +372,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

@@ -67,7 +67,7 @@ def velocity_flops(model, rows: int, guidance_scale: float = 1.0, uncond=None, *
 
     def run():
         if train:
-            v = model.velocity(x, sigma, cond, guidance_scale, uncond)
+            v = model.velocity(x, sigma, cond, guidance_scale, uncond, net=model.transformer)
             v.float().pow(2).mean().backward()
         else:
             with torch.no_grad():

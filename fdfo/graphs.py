@@ -106,9 +106,11 @@ class GraphSampler:
     @classmethod
     def for_model(cls, model, *, guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                   **kwargs) -> "GraphSampler":
-        """A sampler over a flow model of ``fdfo.models`` (its transformer, with LoRA if added)."""
-        return cls(lambda x, sigma, cond: model.velocity(x, sigma, cond), guidance_scale=guidance_scale,
-                   uncond=uncond, module=model.transformer, **kwargs)
+        """A sampler over a flow model of ``fdfo.models`` (its transformer, with LoRA if added; under ZeRO-3
+        its persistent inference copy, so the graph is captured once per run)."""
+        module = model.inference_transformer if model.inference_transformer is not None else model.transformer
+        return cls(lambda x, sigma, cond: model.velocity(x, sigma, cond, net=module), guidance_scale=guidance_scale,
+                   uncond=uncond, module=module, **kwargs)
 
     @property
     def mode(self) -> str:

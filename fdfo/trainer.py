@@ -363,7 +363,7 @@ class Trainer:
                              "adapter disabled")
         self.model.transformer.disable_adapters()
         try:
-            return self.model.velocity(x, sigma, cond, self.guidance, self.uncond)
+            return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=self.model.transformer)
         finally:
             self.model.transformer.enable_adapters()
 

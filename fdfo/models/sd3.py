@@ -106,6 +106,8 @@ class SD3FlowModel:
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.transformer.requires_grad_(False)
+        # Under ZeRO-3 the engine sets a persistent unpartitioned copy here, which sampling uses.
+        self.inference_transformer: nn.Module | None = None
         self.max_sequence_length = max_sequence_length
         self.vae = parts["vae"]
         scale = self.pipe.vae_scale_factor if self.vae is not None else 1
@@ -165,9 +167,10 @@ class SD3FlowModel:
         """v(x, σ) ≈ ε − x₀ for rows x [B, C, H, W] at σ [B]; with CFG v_u + w·(v_c − v_u).
 
         net: the module to call (the DeepSpeed engine while training, so its hooks run);
-        defaults to the transformer.
+        defaults to the inference copy under ZeRO-3 (``inference_transformer``), else the transformer.
         """
-        net = net if net is not None else self.transformer
+        if net is None:
+            net = self.inference_transformer if self.inference_transformer is not None else self.transformer
         rows = x.shape[0]
         if guidance_scale != 1.0:
             if uncond is None:
