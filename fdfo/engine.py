@@ -256,8 +256,9 @@ class Engine:
         state = dict(trainer_state, rng=rng_state())
         self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"trainer": state},
                                     exclude_frozen_parameters=True)
-        exported = self.model.trainable_parameters() if self.cfg.lora.enabled else None
-        with self.inference_weights(exported):  # ZeRO-3: gather what is exported, on every rank
+        transformer = self.model.transformer
+        exported = self.model.trainable_parameters() if self.cfg.lora.enabled else list(transformer.parameters())
+        with self.inference_weights(exported):  # ZeRO-3: gather what is exported into the module, on every rank
             if self.rank == 0:
                 if self.cfg.lora.enabled:
                     self.model.save_lora(tmp / ADAPTER_DIR)
