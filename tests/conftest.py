@@ -7,6 +7,7 @@ so tests load it through the same ``from_pretrained`` code as real runs.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed builds its CPU ops (shared-memory comm, CPU Adam) on first use with ninja: the venv's
+# own ninja (a dependency of deepspeed) serves where the system has none.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
