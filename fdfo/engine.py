@@ -143,19 +143,23 @@ class InferenceCopy:
                 module.add_adapter(peft_config, adapter_name=name)
         params = dict(source.named_parameters(remove_duplicate=False))
         buffers = dict(source.named_buffers(remove_duplicate=False))
-        for prefix, sub in module.named_modules():
+        made: dict[int, nn.Parameter] = {}  # id(source parameter) -> its copy: tied weights stay tied
+        for prefix, sub in module.named_modules(remove_duplicate=False):
             for leaf, p in list(sub._parameters.items()):
                 if p is None:
                     continue
                 src = params[f"{prefix}.{leaf}" if prefix else leaf]
-                shape = getattr(src, "ds_shape", src.shape)  # the full shape of a partitioned weight
-                sub._parameters[leaf] = nn.Parameter(torch.empty(shape, dtype=src.dtype, device=self.device),
-                                                     requires_grad=False)
+                if id(src) not in made:
+                    shape = getattr(src, "ds_shape", src.shape)  # the full shape of a partitioned weight
+                    made[id(src)] = nn.Parameter(torch.empty(shape, dtype=src.dtype, device=self.device),
+                                                 requires_grad=False)
+                sub._parameters[leaf] = made[id(src)]
             for leaf, b in list(sub._buffers.items()):
                 if b is not None:  # buffers are never partitioned
                     sub._buffers[leaf] = buffers[f"{prefix}.{leaf}" if prefix else leaf].detach().to(self.device).clone()
         self.module = module.eval()
         self.synced_frozen = False
+        self.sync()  # never holds uninitialised memory (a collective: every rank builds its copy)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -198,11 +202,18 @@ class Engine:
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase.
+        # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
+        # not when the parameters are offloaded to the CPU, whose point is to keep full weights off the GPU.
         self.inference_copy = None
+        param_offload = (self.ds_config["zero_optimization"].get("offload_param") or {}).get("device", "none")
         if self.zero_stage == 3 and cfg.deepspeed.inference_copy:
-            self.inference_copy = InferenceCopy(model.transformer, model.device)
-            model.inference_transformer = self.inference_copy.module
+            if param_offload not in (None, "none"):
+                if rank == 0:
+                    print("[fdfo] parameters are offloaded (offload_param): no persistent inference copy; "
+                          "sampling gathers the weights for each phase instead", flush=True)
+            else:
+                self.inference_copy = InferenceCopy(model.transformer, model.device)
+                model.inference_transformer = self.inference_copy.module
 
     # ------------------------------------------------------------------ sampling
 
@@ -256,14 +267,21 @@ class Engine:
         state = dict(trainer_state, rng=rng_state())
         self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"trainer": state},
                                     exclude_frozen_parameters=True)
-        transformer = self.model.transformer
-        exported = self.model.trainable_parameters() if self.cfg.lora.enabled else list(transformer.parameters())
-        with self.inference_weights(exported):  # ZeRO-3: gather what is exported into the module, on every rank
+        if not self.cfg.lora.enabled and self.inference_copy is not None:
+            # Full fine-tuning under ZeRO-3: refresh the persistent copy (gathered in bounded chunks)
+            # and write it, rather than gathering the whole model a second time beside it.
+            self.inference_copy.sync()
             if self.rank == 0:
-                if self.cfg.lora.enabled:
-                    self.model.save_lora(tmp / ADAPTER_DIR)
-                else:
-                    self.model.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
+                self.inference_copy.module.save_pretrained(tmp / TRANSFORMER_DIR)
+        else:
+            transformer = self.model.transformer
+            exported = self.model.trainable_parameters() if self.cfg.lora.enabled else list(transformer.parameters())
+            with self.inference_weights(exported):  # ZeRO-3: gather what is exported into the module, every rank
+                if self.rank == 0:
+                    if self.cfg.lora.enabled:
+                        self.model.save_lora(tmp / ADAPTER_DIR)
+                    else:
+                        transformer.save_pretrained(tmp / TRANSFORMER_DIR)
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(
                 {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
@@ -289,8 +307,6 @@ class Engine:
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in '{directory}'")
-        if self.inference_copy is not None:
-            self.inference_copy.synced_frozen = False  # (full FT: the loaded weights differ everywhere)
         state = client["trainer"]
         rng = state.pop("rng")
         if saved_ranks in (None, self.world_size):
@@ -302,13 +318,20 @@ class Engine:
         import torch.distributed as dist
 
         out = directory / UNIVERSAL_TAG
+        error = [None]
         if self.rank == 0 and not out.is_dir():
             print(f"[fdfo] checkpoint '{directory}' was written by {saved_ranks} rank(s), this run has "
                   f"{self.world_size}: converting it to DeepSpeed's universal format in '{out}'", flush=True)
-            convert_to_universal(directory / CHECKPOINT_TAG, out)
-        dist.barrier()
+            try:
+                convert_to_universal(directory / CHECKPOINT_TAG, out)
+            except Exception as e:  # noqa: BLE001  (every rank must hear of it, not wait at a barrier)
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)  # also the barrier: the others wait for the conversion
+        if error[0] is not None:
+            raise RuntimeError(error[0])
         if not out.is_dir():
-            raise RuntimeError(f"no universal checkpoint at '{out}' (the conversion on rank 0 failed)")
+            raise RuntimeError(f"no universal checkpoint at '{out}' on rank {self.rank}: resuming on another "
+                               "number of ranks needs the run directory on a file system all ranks share")
         return UNIVERSAL_TAG
 
 
@@ -335,7 +358,7 @@ def convert_to_universal(state_dir: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     args = Namespace(input_folder=str(state_dir), output_folder=str(tmp), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:
         ds_to_universal.main(args)
     except Exception as e:

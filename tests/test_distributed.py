@@ -119,12 +119,21 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
     one = tmp_path / "one"
     launch(1, _cfg(one, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1), tmp_path)
     z2 = tmp_path / "z2"
-    cfg = _cfg(z2, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1)
+    cfg = _cfg(z2, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2)
     cfg.deepspeed.config = str(ROOT / "configs/ds/zero2.json")
     launch(2, cfg, tmp_path)
     w2, w1 = adapter(z2, 1), adapter(one, 1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    # ZeRO-2 shards resume on 1 rank through the universal format too.
+    resumed = tmp_path / "z2_on_1"
+    cfg.log.out_dir = str(resumed)
+    out = launch(1, cfg, tmp_path, "--resume", str(z2 / "checkpoints" / "epoch_0001"))
+    assert "converting it to DeepSpeed's universal format" in out
+    w_resumed, w_z2 = adapter(resumed, 2), adapter(z2, 2)
+    assert any(not torch.equal(w_z2[k], w2[k]) for k in w2)
+    for k in w_z2:
+        torch.testing.assert_close(w_resumed[k], w_z2[k], rtol=1e-4, atol=1e-6)
 
     # ZeRO-3 with parameters and optimizer offloaded to the CPU (DeepSpeed's CPU AdamW): the same step.
     off = tmp_path / "offload"
