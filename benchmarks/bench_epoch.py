@@ -196,7 +196,7 @@ def model_flop_utilisation(args, trainer, rec: dict) -> dict:
 
     cfg, model = trainer.cfg, trainer.model
     rows = cfg.train.micro_batch_rows
-    elements = 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps
+    elements = trainer.layout["elements_per_rank"]  # this rank's 2·P·T: the times are this rank's too
     out = {}
     for phase, train, seconds in (("sample", False, rec.get("sample_s")), ("train", True, rec.get("train_s"))):
         per_row = velocity_flops(model, rows, trainer.guidance, trainer.uncond, train=train) / rows
@@ -243,9 +243,13 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
         "peak_gib": peak, **util,
     }
     mfu = "".join(f"  MFU {k[:-4]} {100 * util[k]:.1f}%" for k in ("sample_mfu", "train_mfu") if util[k] is not None)
-    print(f"{variant:>9}: {result['pairs_per_s']:.4g} pairs/s  epoch {result['epoch_s']:.3g}s "
-          f"(sample {result['sample_s']:.3g}s, train {result['train_s']:.3g}s)  sampler={sampler} "
-          f"kernels={cfg.train.kernels}" + (f"  peak {peak:.1f} GiB" if peak is not None else "") + mfu, flush=True)
+    if result["pairs_per_s"] is None:
+        print(f"{variant:>9}: epoch skipped (non-finite rewards): no throughput", flush=True)
+    else:
+        print(f"{variant:>9}: {result['pairs_per_s']:.4g} pairs/s  epoch {result['epoch_s']:.3g}s "
+              f"(sample {result['sample_s']:.3g}s, train {result['train_s']:.3g}s)  sampler={sampler} "
+              f"kernels={cfg.train.kernels}" + (f"  peak {peak:.1f} GiB" if peak is not None else "") + mfu,
+              flush=True)
     trainer.report.close()
     del trainer
     gc.collect()
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     by = {r["variant"]: r for r in results}
     ratio = None
-    if "fast" in by and "published" in by and by["published"]["pairs_per_s"]:
+    if "fast" in by and "published" in by and by["published"]["pairs_per_s"] and by["fast"]["pairs_per_s"]:
         ratio = by["fast"]["pairs_per_s"] / by["published"]["pairs_per_s"]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {
@@ -320,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'variant':>9} | {'pairs/s':>9} | {'sample_s':>9} | {'train_s':>9} | {'epoch_s':>9} | "
           f"{'sample TF/s':>11} | {'train TF/s':>10} | {'MFU s/t':>11}")
     for r in results:
+        if r.get("skipped") or r["pairs_per_s"] is None:
+            print(f"{r['variant']:>9} | epoch skipped (non-finite rewards)")
+            continue
         mfu = "-" if r["sample_mfu"] is None else f"{100 * r['sample_mfu']:.1f}/{100 * r['train_mfu']:.1f}%"
         print(f"{r['variant']:>9} | {r['pairs_per_s']:>9.4g} | {r['sample_s']:>9.4g} | {r['train_s']:>9.4g} | "
               f"{r['epoch_s']:>9.4g} | {r['sample_tflops']:>11.4g} | {r['train_tflops']:>10.4g} | {mfu:>11}")

@@ -14,11 +14,14 @@ import torch
 # in order against torch.cuda.get_device_name, so the more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.4),
+    ("H200 NVL", 835.5),
     ("H200", 989.4),
     ("H100 NVL", 835.5),
     ("H100 PCIe", 756.5),
     ("H100", 989.4),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H800 PCIe", 756.5),
     ("H800", 989.4),
+    ("GB200", 2500.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A800", 312.0),
@@ -58,6 +61,7 @@ def velocity_flops(model, rows: int, guidance_scale: float = 1.0, uncond=None, *
     device = model.device
     x = torch.randn(rows, *model.latent_shape, generator=g).to(device)
     sigma = torch.rand(rows, generator=g).to(device)
+    model.offload_text_encoders(device)  # (a trainer may have parked them on the CPU after sampling)
     with torch.no_grad():
         cond = model.encode(["a photo"]).expand(rows)
     params = model.trainable_parameters() if train else []

@@ -229,11 +229,12 @@ def resource_usage(kernel) -> dict:
 def sd35_launches(resolutions=(512, 1024), rows=(2, 12, 26), cfg_scale: float = 4.5) -> list[Launch]:
     """The launches the trainer and the graph sampler make for SD3.5 latents at these image sizes.
 
-    Per (resolution, rows): pair_delta on fp32 and bf16 x₀; fd_loss forward (with and without the
-    gradient) on a bf16 model velocity against fp32 and bf16 stored velocities; the churn step
-    with and without fused CFG, noise from device-tensor seed/offset (the captured graph) and from
-    Python ints (eager), with and without the v_out write, on fp32 and bf16 states; the prior
-    churn; and the standalone noise kernel. Storage is allocated on the CPU, nothing is run.
+    Per (resolution, rows), for fp32 and bf16 storage: pair_delta; fd_loss forward (with and
+    without the gradient) on fp32 velocities (the trainer's) and bf16 ones against the stored
+    velocities; the churn step with and without fused CFG, noise from device-tensor seed/offset
+    (the captured graph) and from 64-bit Python ints (eager), with and without the v_out write;
+    the prior churn; and the standalone noise kernel. Storage is allocated on the CPU, nothing is
+    run.
     """
     from fdfo import kernels
 
@@ -245,25 +246,28 @@ def sd35_launches(resolutions=(512, 1024), rows=(2, 12, 26), cfg_scale: float = 
                 shape = (r, LATENT_CHANNELS, side, side)
                 for store in (torch.float32, torch.bfloat16):
                     x0 = torch.empty(shape, dtype=store)
-                    rewards = torch.empty(r)
-                    kernels.pair_delta(x0, rewards, backend="triton")
-                    v = torch.empty(shape, dtype=torch.bfloat16)
-                    v_ref, d, dR = torch.empty(shape, dtype=store), torch.empty(shape, dtype=store), torch.empty(r)
-                    fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=True)
-                    fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=False)
+                    kernels.pair_delta(x0, torch.empty(r), backend="triton")
+                    # The trainer's velocities are fp32 (the model output cast to float) beside fp32 states;
+                    # bf16 velocities are what a caller keeping the model's dtype passes.
+                    for vel in ((torch.float32, torch.bfloat16) if store == torch.float32 else (torch.bfloat16,)):
+                        v = torch.empty(shape, dtype=vel)
+                        v_ref, d, dR = torch.empty(shape, dtype=store), torch.empty(shape, dtype=store), torch.empty(r)
+                        fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=True)
+                        fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=False)
 
-                    x = torch.empty(shape, dtype=store)
-                    coef = torch.empty(3, r)
-                    seed_t, step_t = torch.empty((), dtype=torch.int64), torch.empty(2, dtype=torch.int64)
-                    v_out = torch.empty(shape, dtype=store)
-                    for v_cond in (None, torch.empty(shape, dtype=torch.bfloat16)):
-                        scale = cfg_scale if v_cond is not None else None
-                        kernels.churn_step(x, v, coef[0], coef[1], coef[2], v_cond=v_cond, cfg_scale=scale,
-                                           seed=seed_t, offset=step_t[1:], out=x, v_out=v_out, backend="triton")
-                        kernels.churn_step(x, v, 0.9, 0.8, 0.1, v_cond=v_cond, cfg_scale=scale, seed=1234,
-                                           offset=3, backend="triton")
+                        x = torch.empty(shape, dtype=store)
+                        coef = torch.empty(3, r)
+                        seed_t, step_t = torch.empty((), dtype=torch.int64), torch.empty(2, dtype=torch.int64)
+                        v_out = torch.empty(shape, dtype=store)
+                        for v_cond in (None, torch.empty(shape, dtype=vel)):
+                            scale = cfg_scale if v_cond is not None else None
+                            kernels.churn_step(x, v, coef[0], coef[1], coef[2], v_cond=v_cond, cfg_scale=scale,
+                                               seed=seed_t, offset=step_t[1:], out=x, v_out=v_out, backend="triton")
+                            # Eager seeds are drawn below 2**62: a 64-bit integer argument.
+                            kernels.churn_step(x, v, 0.9, 0.8, 0.1, v_cond=v_cond, cfg_scale=scale,
+                                               seed=2**40 + 1234, offset=3, backend="triton")
                     kernels.prior_churn(x, coef[2], seed=seed_t, offset=step_t[:1], out=x, backend="triton")
-                    kernels.churn_noise(shape, 1234, 5, device="cpu", backend="triton")
+                    kernels.churn_noise(shape, 2**40 + 1234, 5, device="cpu", backend="triton")
         calls.extend(rec)
     return calls
 

@@ -21,6 +21,23 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous():
+    """An in-process Trainer makes this process rank 0 of a world of 1 and says so in os.environ
+    (RANK, MASTER_PORT, ...); a script a later test starts would inherit that and try to listen on
+    the port this process holds. Each test leaves those variables as it found them."""
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SD3 pipeline (transformer, VAE, 2 CLIP encoders, T5) saved with save_pretrained."""

@@ -12,6 +12,9 @@ def test_write_file_replaces_only_on_success(tmp_path):
     first = os.urandom(64)
     atomic.write_file(path, lambda tmp: open(tmp, "wb").write(first))
     assert path.read_bytes() == first
+    plain = tmp_path / "plain"
+    plain.write_bytes(first)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
 
     def failing(tmp):
         open(tmp, "wb").write(os.urandom(32))  # half written, then the disk fills up
@@ -34,4 +37,10 @@ def test_write_text_and_replace_dir(tmp_path):
         (tmp / "state" / "weights").write_text(content)
         atomic.replace_dir(tmp, final)
         assert (final / "state" / "weights").read_text() == content and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0002", "latest"]
+
+    # A crash between the two renames leaves only "epoch_0002.old": the next save cleans it up.
+    os.replace(final, tmp_path / "epoch_0002.old")
+    (tmp_path / "epoch_0002.tmp").mkdir()
+    atomic.replace_dir(tmp_path / "epoch_0002.tmp", final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0002", "latest"]

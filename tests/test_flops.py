@@ -45,6 +45,7 @@ def test_training_flops_are_forward_plus_backward_and_leave_grads_alone(model):
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5),
                                         ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200", 989.4),
+                                        ("NVIDIA H200 NVL", 835.5), ("NVIDIA GB200", 2500.0),
                                         ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
 def test_peak_by_gpu_name(name, peak):
     assert peak_bf16_tflops(name) == peak
