@@ -88,6 +88,9 @@ class TrainConfig:
     seed: int = 0
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
     offload_text_encoders: bool = True  # move text encoders to CPU while training (GPU only)
+    # torch.compile the trained transformer through DeepSpeed's engine.compile (in place: the calls
+    # that sample from the module itself run compiled too). The first epoch pays the compilation.
+    compile: bool = False
 
 
 @dataclass

@@ -202,6 +202,8 @@ class Engine:
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.grad_accum = layout["grad_accum"]
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        if cfg.train.compile:
+            self.engine.compile()  # torch.compile of the module, in place, with DeepSpeed's hooks in mind
         # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
         # not when the parameters are offloaded to the CPU, whose point is to keep full weights off the GPU.
         self.inference_copy = None

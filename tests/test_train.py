@@ -215,3 +215,24 @@ def test_triton_kernels_train_like_the_torch_reference(tmp_path, tiny_pipeline_d
         finals[backend] = lora_weights(t)
     for k in finals["torch"]:
         torch.testing.assert_close(finals["triton"][k], finals["torch"][k], rtol=1e-4, atol=1e-6)
+
+
+def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    """train.compile: the engine's module is torch.compile'd (DeepSpeed's engine.compile) and one
+    epoch takes the step eager training takes, up to the compiler's reassociation of sums."""
+    from fdfo.trainer import Trainer
+
+    quiet = dict(eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False}, checkpoint={"every": 0})
+    records, weights = {}, {}
+    for mode in (False, True):
+        cfg = tiny_run(tmp_path / str(mode), tiny_pipeline_dir, digit_reward_dir, **quiet)
+        cfg.train.compile = mode
+        t = Trainer(cfg)
+        assert t.engine.engine.is_compiled == mode
+        start = lora_weights(t)
+        records[mode] = t.train_epoch(0)
+        weights[mode] = lora_weights(t)
+    assert any(not torch.equal(weights[True][k], start[k]) for k in start)
+    assert records[True]["reward_mean"] == pytest.approx(records[False]["reward_mean"], rel=1e-5)
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-3, atol=1e-6)
