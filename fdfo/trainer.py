@@ -361,11 +361,15 @@ class Trainer:
         if not self.cfg.lora.enabled:
             raise ValueError("a KL term (train.kl_weight, grpo.kl_beta) needs LoRA: the base is the model with the "
                              "adapter disabled")
-        self.model.transformer.disable_adapters()
+        # Under ZeRO-3 the persistent inference copy holds the frozen base exactly (synced once, never
+        # trained): with its adapter disabled it gives the base velocity without gathering any weight.
+        net = self.model.inference_transformer
+        net = net if net is not None else self.model.transformer
+        net.disable_adapters()
         try:
-            return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=self.model.transformer)
+            return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=net)
         finally:
-            self.model.transformer.enable_adapters()
+            net.enable_adapters()
 
     # ------------------------------------------------------------------ evaluation
 

@@ -7,13 +7,13 @@ import torch
 from tests.test_train import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("reward_mean", "reward_std", "loss", "policy_loss", "ratio")
+KEYS = ("reward_mean", "reward_std", "loss", "policy_loss", "ratio", "kl")
 
 
 def _trainer(out, tiny_pipeline_dir, digit_reward_dir, **deepspeed):
     from fdfo.trainer import Trainer
 
-    return Trainer(tiny_run(out, tiny_pipeline_dir, digit_reward_dir,
+    return Trainer(tiny_run(out, tiny_pipeline_dir, digit_reward_dir, train={"kl_weight": 0.5},
                             deepspeed={"config": str(ROOT / "configs/ds/zero3.json"), **deepspeed},
                             eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False},
                             checkpoint={"every": 0}))
@@ -40,7 +40,8 @@ def test_zero3_samples_from_a_persistent_copy_equal_to_the_gathered_weights(tmp_
             assert p.dtype == source[name].dtype and torch.equal(p, source[name].data), name
     assert any(not torch.equal(p, lora_before[n]) for n, p in copy.named_parameters() if "lora_" in n)
 
-    # The same epochs sampled from the gathered module itself (deepspeed.inference_copy: false).
+    # The same epochs sampled from the gathered module itself (deepspeed.inference_copy: false); the KL
+    # term's base pass (the copy with its adapter disabled, or the partitioned module) agrees as well.
     b = _trainer(tmp_path / "gather", tiny_pipeline_dir, digit_reward_dir, inference_copy=False)
     assert b.model.inference_transformer is None
     records_b = [b.train_epoch(e) for e in range(2)]
