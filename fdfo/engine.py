@@ -359,6 +359,8 @@ def convert_to_universal(state_dir: Path, out: Path) -> None:
     state_dir, out = Path(state_dir), Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # One worker: DeepSpeed's parallel path forks a process pool from this (CUDA- and process-group-
+    # initialised) rank. A large state converts in minutes while the other ranks wait in a broadcast.
     args = Namespace(input_folder=str(state_dir), output_folder=str(tmp), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:
