@@ -12,6 +12,7 @@ complete, so an interrupted save never replaces a good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from fdfo import atomic
 
 CHECKPOINT_TAG = "state"
 UNIVERSAL_TAG = "state_universal"  # the same state, converted for another number of ranks
+UNIVERSAL_TIMEOUT = datetime.timedelta(hours=6)  # how long ranks wait for rank 0's conversion
 ADAPTER_DIR = "adapter"
 TRANSFORMER_DIR = "transformer"
 
@@ -320,6 +322,9 @@ class Engine:
         import torch.distributed as dist
 
         out = directory / UNIVERSAL_TAG
+        # The other ranks wait for rank 0's conversion, which can outlast the process group's timeout
+        # (DeepSpeed's default is 10 minutes) on a large state: they wait on a gloo group of their own.
+        group = dist.new_group(backend="gloo", timeout=UNIVERSAL_TIMEOUT)
         error = [None]
         if self.rank == 0 and not out.is_dir():
             print(f"[fdfo] checkpoint '{directory}' was written by {saved_ranks} rank(s), this run has "
@@ -328,12 +333,15 @@ class Engine:
                 convert_to_universal(directory / CHECKPOINT_TAG, out)
             except Exception as e:  # noqa: BLE001  (every rank must hear of it, not wait at a barrier)
                 error = [str(e)]
-        dist.broadcast_object_list(error, src=0)  # also the barrier: the others wait for the conversion
+        dist.broadcast_object_list(error, src=0, group=group)  # also the barrier: the others wait here
         if error[0] is not None:
             raise RuntimeError(error[0])
-        if not out.is_dir():
-            raise RuntimeError(f"no universal checkpoint at '{out}' on rank {self.rank}: resuming on another "
-                               "number of ranks needs the run directory on a file system all ranks share")
+        missing = torch.tensor([0 if out.is_dir() else 1])
+        dist.all_reduce(missing, op=dist.ReduceOp.SUM, group=group)  # every rank stops together
+        dist.destroy_process_group(group)
+        if int(missing):
+            raise RuntimeError(f"{int(missing)} rank(s) cannot see '{out}': resuming on another number of ranks "
+                               "needs the run directory on a file system all ranks share")
         return UNIVERSAL_TAG
 
 
@@ -360,7 +368,7 @@ def convert_to_universal(state_dir: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # One worker: DeepSpeed's parallel path forks a process pool from this (CUDA- and process-group-
-    # initialised) rank. A large state converts in minutes while the other ranks wait in a broadcast.
+    # initialised) rank. A large state takes a while; the other ranks wait up to UNIVERSAL_TIMEOUT.
     args = Namespace(input_folder=str(state_dir), output_folder=str(tmp), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:

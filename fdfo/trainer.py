@@ -363,13 +363,15 @@ class Trainer:
                              "adapter disabled")
         # Under ZeRO-3 the persistent inference copy holds the frozen base exactly (synced once, never
         # trained): with its adapter disabled it gives the base velocity without gathering any weight.
-        net = self.model.inference_transformer
-        net = net if net is not None else self.model.transformer
+        copy = self.model.inference_transformer
+        net = copy if copy is not None else self.model.transformer
         net.disable_adapters()
         try:
             return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=net)
         finally:
             net.enable_adapters()
+            if copy is not None:
+                copy.requires_grad_(False)  # (peft's enable_adapters marks the adapter trainable again)
 
     # ------------------------------------------------------------------ evaluation
 

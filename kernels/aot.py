@@ -263,7 +263,8 @@ def sd35_launches(resolutions=(512, 1024), rows=(2, 12, 26), cfg_scale: float = 
                             scale = cfg_scale if v_cond is not None else None
                             kernels.churn_step(x, v, coef[0], coef[1], coef[2], v_cond=v_cond, cfg_scale=scale,
                                                seed=seed_t, offset=step_t[1:], out=x, v_out=v_out, backend="triton")
-                            # Eager seeds are drawn below 2**62: a 64-bit integer argument.
+                            # A Python-int seed (callers outside the trainer, which passes device
+                            # tensors): 64-bit here; one below 2**31 specialises to a 32-bit argument.
                             kernels.churn_step(x, v, 0.9, 0.8, 0.1, v_cond=v_cond, cfg_scale=scale,
                                                seed=2**40 + 1234, offset=3, backend="triton")
                     kernels.prior_churn(x, coef[2], seed=seed_t, offset=step_t[:1], out=x, backend="triton")

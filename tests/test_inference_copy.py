@@ -30,6 +30,7 @@ def test_zero3_samples_from_a_persistent_copy_equal_to_the_gathered_weights(tmp_
     lora_before = {n: p.clone() for n, p in copy.named_parameters() if "lora_" in n}
     records_a = [a.train_epoch(e) for e in range(2)]
 
+    assert not any(p.requires_grad for p in copy.parameters())  # (the KL pass toggled its adapter)
     # Never reallocated (a CUDA graph over it stays valid), yet it follows training: after a refresh
     # it holds exactly the partitioned module's gathered weights, LoRA and frozen base alike.
     assert ptrs == [p.data_ptr() for p in copy.parameters()]
