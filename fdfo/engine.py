@@ -108,16 +108,16 @@ def deepspeed_config(cfg, layout: dict, world_size: int, bf16: bool = False) -> 
     return ds
 
 
-def optimizer_offload(ds_config: dict) -> str | None:
-    """The device ZeRO offloads the optimizer state to ("cpu", "nvme"), or None."""
-    device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+def offload_device(ds_config: dict, what: str) -> str | None:
+    """The device ZeRO offloads ``what`` ("optimizer" or "param") to ("cpu", "nvme"), or None."""
+    device = (ds_config.get("zero_optimization", {}).get(f"offload_{what}") or {}).get("device", "none")
     return None if device in (None, "none") else device
 
 
 def adamw(params, ds_config: dict, **hyper) -> torch.optim.Optimizer:
     """AdamW for the engine: torch's, or under ZeRO-Offload of the optimizer DeepSpeed's vectorised
     CPU Adam in AdamW mode (DeepSpeed refuses a torch optimizer there; its op is built on first use)."""
-    if optimizer_offload(ds_config):
+    if offload_device(ds_config, "optimizer"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
@@ -169,17 +169,22 @@ class InferenceCopy:
         import deepspeed
 
         dst = dict(self.module.named_parameters(remove_duplicate=False))
-        todo = [(n, p) for n, p in self.source.named_parameters() if p.requires_grad or not self.synced_frozen]
+
+        def copy_in(group):
+            with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+                for name, p in group:
+                    dst[name].copy_(p.data)
+
         group, numel = [], 0
-        for item in todo + [None]:
-            if item is not None:
-                group.append(item)
-                numel += int(getattr(item[1], "ds_numel", item[1].numel()))
-            if group and (item is None or numel >= self.GATHER_NUMEL):
-                with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
-                    for name, p in group:
-                        dst[name].copy_(p.data)
-                group, numel = [], 0
+        for name, p in self.source.named_parameters():
+            if p.requires_grad or not self.synced_frozen:
+                group.append((name, p))
+                numel += int(getattr(p, "ds_numel", p.numel()))
+                if numel >= self.GATHER_NUMEL:
+                    copy_in(group)
+                    group, numel = [], 0
+        if group:
+            copy_in(group)
         self.synced_frozen = True
 
 
@@ -209,9 +214,8 @@ class Engine:
         # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
         # not when the parameters are offloaded to the CPU, whose point is to keep full weights off the GPU.
         self.inference_copy = None
-        param_offload = (self.ds_config["zero_optimization"].get("offload_param") or {}).get("device", "none")
         if self.zero_stage == 3 and cfg.deepspeed.inference_copy:
-            if param_offload not in (None, "none"):
+            if offload_device(self.ds_config, "param"):
                 if rank == 0:
                     print("[fdfo] parameters are offloaded (offload_param): no persistent inference copy; "
                           "sampling gathers the weights for each phase instead", flush=True)

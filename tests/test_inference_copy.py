@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train import tiny_run
+from tests.test_train import QUIET, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("reward_mean", "reward_std", "loss", "policy_loss", "ratio", "kl")
@@ -14,9 +14,7 @@ def _trainer(out, tiny_pipeline_dir, digit_reward_dir, **deepspeed):
     from fdfo.trainer import Trainer
 
     return Trainer(tiny_run(out, tiny_pipeline_dir, digit_reward_dir, train={"kl_weight": 0.5},
-                            deepspeed={"config": str(ROOT / "configs/ds/zero3.json"), **deepspeed},
-                            eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False},
-                            checkpoint={"every": 0}))
+                            deepspeed={"config": str(ROOT / "configs/ds/zero3.json"), **deepspeed}, **QUIET))
 
 
 def test_zero3_samples_from_a_persistent_copy_equal_to_the_gathered_weights(tmp_path, tiny_pipeline_dir,

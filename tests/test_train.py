@@ -36,6 +36,10 @@ def tiny_run(out_dir, pipeline_dir, reward_dir, **sections):
     return build_config(overrides)
 
 
+# Sections for a run that only trains: no evaluation, plots, progress bars or checkpoints.
+QUIET = dict(eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False}, checkpoint={"every": 0})
+
+
 def lora_weights(trainer):
     return {k: v.clone() for k, v in trainer.model.lora_state_dict().items()}
 
@@ -222,10 +226,9 @@ def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_r
     epoch takes the step eager training takes, up to the compiler's reassociation of sums."""
     from fdfo.trainer import Trainer
 
-    quiet = dict(eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False}, checkpoint={"every": 0})
     records, weights = {}, {}
     for mode in (False, True):
-        cfg = tiny_run(tmp_path / str(mode), tiny_pipeline_dir, digit_reward_dir, **quiet)
+        cfg = tiny_run(tmp_path / str(mode), tiny_pipeline_dir, digit_reward_dir, **QUIET)
         cfg.train.compile = mode
         t = Trainer(cfg)
         assert t.engine.engine.is_compiled == mode
