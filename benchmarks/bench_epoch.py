@@ -25,7 +25,7 @@ published repository itself.
 Models (random init, written with save_pretrained to a temp dir, loaded through the
 Trainer's own from_pretrained path; speed does not depend on weight values):
 
-* SD3 pipeline: the real SD3.5 Medium transformer (bench_zero.ARCHS["sd35-medium"]) and
+* SD3 pipeline: the real SD3.5 Medium transformer (fdfo.models.flavours.ARCHS["sd35-medium"]) and
   the real SD3.5 VAE architecture (AutoencoderKL, 16 latent channels, blocks 128-256-512-512,
   2 layers per block, scaling 1.5305, shift 0.0609), 512² images (64×64 latents). The text
   encoders are SMALL (two 2-layer CLIP towers of width 1024 whose pooled outputs give the
@@ -54,15 +54,13 @@ import datetime
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_zero import ARCHS  # noqa: E402  (also puts the repository root on sys.path)
+from fdfo.models.flavours import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

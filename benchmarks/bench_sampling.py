@@ -38,14 +38,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_zero import ARCHS, TARGETS  # noqa: E402  (also puts the repository root on sys.path)
-
-from fdfo.flops import count_flops, peak_bf16_tflops  # noqa: E402
-from fdfo.gpu_stats import GpuStats  # noqa: E402
-from fdfo.graphs import GraphSampler  # noqa: E402
-from fdfo.models.sd3 import Conditioning  # noqa: E402
-from fdfo.sampling import Trajectories, churn_schedule, churn_step, prior_churn  # noqa: E402
+from fdfo.flops import count_flops, peak_bf16_tflops
+from fdfo.gpu_stats import GpuStats
+from fdfo.graphs import GraphSampler
+from fdfo.models.flavours import ARCHS, TARGETS
+from fdfo.models.sd3 import Conditioning
+from fdfo.sampling import Trajectories, churn_schedule, churn_step, prior_churn
 
 VARIANTS = ("published", "eager", "graph", "compile", "graph+compile")
 

@@ -17,31 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fdfo.engine import adamw  # noqa: E402
-
-ARCHS = {
-    # diffusers SD3Transformer2DModel configs of the published checkpoints.
-    "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
-                       attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
-                       caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
-                       qk_norm="rms_norm"),
-    "tiny": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
-                 pooled_projection_dim=64, pos_embed_max_size=8),
-}
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+from fdfo.engine import adamw
+from fdfo.models.flavours import ARCHS, TARGETS
 
 
 def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> dict:

@@ -140,9 +140,7 @@ def test_eager_twin_with_triton_kernels_matches_sample_pairs(monkeypatch):
     """The Triton churn kernel (interpreter on CPU) with seed/offset in tensors: same trajectories up to rounding."""
     if not kernels.triton_available():
         pytest.skip("triton is not installed")
-    from fdfo.graphs import _triton_interpreted
-
-    if not _triton_interpreted():
+    if not kernels.triton_interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1: its kernels cannot run on CPU tensors")
     net = TinyVelocity()
     latents, cond, uncond, sigmas, g_prior, g_steps = _inputs(P=1, T=2, side=4)
@@ -364,8 +362,7 @@ def _check_sd3_replay_equals_eager():
         from diffusers import SD3Transformer2DModel
     except ImportError:
         sys.exit(77)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_sampling import build_transformer, make_forward
+    from benchmarks.bench_sampling import build_transformer, make_forward
 
     net = build_transformer("tiny", 4, torch.device("cuda"), torch.bfloat16)
     assert isinstance(net, SD3Transformer2DModel)
