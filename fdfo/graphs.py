@@ -225,10 +225,10 @@ class GraphSampler:
             return self._fallback(f"CUDA graphs need a CUDA device (the latents are on {device.type})")
         if self.fallback_reason is not None:
             return None
-        if not kernels._use_triton(self.backend, buf.x):
+        if kernels.resolve_backend(self.backend, buf.x) != "triton":
             return self._fallback("the churn step runs the PyTorch reference (kernel backend 'torch' or no "
                                   "triton), whose noise is seeded on the host: not capturable")
-        if _triton_interpreted():
+        if kernels.triton_interpreted():
             return self._fallback("Triton runs in its CPU interpreter (TRITON_INTERPRET=1): not capturable")
         weights = self._weights_signature()
         if weights != self._weights:
@@ -284,13 +284,6 @@ class GraphSampler:
             else:
                 warnings.warn(msg, RuntimeWarning, stacklevel=4)
         return None
-
-
-def _triton_interpreted() -> bool:
-    from fdfo.kernels.churn_step_triton import _churn_step_kernel
-    from fdfo.kernels.launch import is_interpreted
-
-    return is_interpreted(_churn_step_kernel)
 
 
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

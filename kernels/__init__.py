@@ -43,8 +43,8 @@ from fdfo.loss import pair_delta as _pair_delta_torch
 from fdfo.sampling import churn_step as _churn_step_torch
 from fdfo.sampling import prior_churn as _prior_churn_torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "fd_loss", "pair_delta",
-           "churn_step", "prior_churn", "churn_noise"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "triton_interpreted", "resolve_backend",
+           "fd_loss", "pair_delta", "churn_step", "prior_churn", "churn_noise"]
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -69,6 +69,25 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when triton was
+    first imported): they then take CPU tensors, and cannot be captured in a CUDA graph. False where
+    triton is not installed; imports triton otherwise."""
+    if not triton_available():
+        return False
+    from .churn_step_triton import _churn_step_kernel
+    from .launch import interpreted
+
+    return interpreted(_churn_step_kernel)
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor | None, device=None) -> str:
+    """"triton" or "torch": the path a function of this package takes for ``backend`` and these tensors
+    (or a bare ``device``). Raises ValueError for an unknown backend and RuntimeError for "triton"
+    without triton installed."""
+    return "triton" if _use_triton(backend, *tensors, device=device) else "torch"
 
 
 def _check_backend(name: str) -> str:

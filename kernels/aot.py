@@ -56,7 +56,13 @@ class Launch:
 
 
 class LaunchRecorder:
-    """Stands in for a kernel: ``rec[grid](*args, **kwargs)`` records the launch instead of running it."""
+    """Stands in for a kernel: ``rec[grid](*args, **kwargs)`` records the launch instead of running it.
+
+    It never touches the tensors' memory, so it declares ``runs_on_cpu`` (the hook of
+    ``fdfo.kernels.launch.runs_on_cpu``): the wrappers then accept CPU tensors, as for the interpreter.
+    """
+
+    runs_on_cpu = True
 
     def __init__(self, name: str, kernel, calls: list[Launch]):
         self.name, self.kernel, self.calls = name, kernel, calls
@@ -75,8 +81,8 @@ def _is_kernel(obj) -> bool:
 def record_launches():
     """Within the block every kernel of ``KERNEL_MODULES`` is a ``LaunchRecorder``; yields the call list.
 
-    The wrappers treat a recorder like the interpreter (CPU tensors are accepted), so the shapes to
-    check can be built on the CPU without allocating GPU memory.
+    A recorder declares ``runs_on_cpu``, so the wrappers accept CPU tensors: the shapes to check can
+    be built on the CPU without allocating GPU memory.
     """
     calls: list[Launch] = []
     saved = []

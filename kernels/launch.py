@@ -1,4 +1,4 @@
-"""What every kernel wrapper needs before a launch: row views, output buffers, the interpreter check.
+"""What every kernel wrapper needs before a launch: row views, output buffers, the device check.
 
 Imports triton, so only the Triton paths import this module (``fdfo.kernels`` itself stays
 importable without triton).
@@ -60,10 +60,20 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def is_interpreted(kernel) -> bool:
-    """True when ``kernel`` was decorated while TRITON_INTERPRET=1 (it then runs on CPU tensors), or is
-    a ``fdfo.kernels.aot.LaunchRecorder`` (which only records launches, so CPU tensors do too)."""
-    return type(kernel).__name__ in ("InterpretedFunction", "LaunchRecorder")
+def runs_on_cpu(kernel) -> bool:
+    """Whether ``kernel`` accepts CPU tensors: it was decorated while TRITON_INTERPRET=1 (Triton's
+    interpreter runs it on the CPU), or it is a stand-in that declares ``runs_on_cpu = True``.
+
+    The attribute is the hook for anything a wrapper may find in place of a kernel that never
+    touches the tensors' memory (a tool that records launches instead of running them, say):
+    the wrappers then accept CPU tensors without knowing the tool.
+    """
+    return interpreted(kernel) or getattr(kernel, "runs_on_cpu", False) is True
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` was decorated while TRITON_INTERPRET=1 (Triton's CPU interpreter runs it)."""
+    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
@@ -72,11 +82,11 @@ def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
     if len(devices) != 1:
         raise ValueError(f"kernel inputs must share one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type != "cuda" and not is_interpreted(kernel):
+    if device.type != "cuda" and not runs_on_cpu(kernel):
         raise RuntimeError(
             f"Triton kernels need CUDA tensors (got {device.type}); to run them on CPU, set "
             "TRITON_INTERPRET=1 in the environment before triton is first imported, "
-            "or use the torch backend (fdfo.kernels.set_backend('torch'))."
+            "or use the torch backend (backend='torch')."
         )
     return device
 

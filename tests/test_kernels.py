@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -436,6 +437,27 @@ def test_import_without_triton_and_the_error_without_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_cpu_tensors_are_accepted_by_interpreted_kernels_and_declared_stand_ins():
+    """launch.runs_on_cpu: a kernel decorated for the interpreter, or any object that declares
+    ``runs_on_cpu = True`` (the hook a tool that only records launches uses), takes CPU tensors."""
+    from fdfo.kernels.churn_step_triton import _churn_step_kernel
+
+    x = torch.zeros(2, 3)
+    assert K.triton_interpreted() and launch.interpreted(_churn_step_kernel)
+    assert launch.check_device(_churn_step_kernel, x) == torch.device("cpu")
+
+    class StandIn:
+        runs_on_cpu = True
+
+    class Undeclared:
+        pass
+
+    assert launch.check_device(StandIn(), x) == torch.device("cpu") and not launch.interpreted(StandIn())
+    for kernel in (Undeclared(), types.SimpleNamespace(runs_on_cpu="yes")):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            launch.check_device(kernel, x)
 
 
 def test_fd_loss_function_is_a_public_autograd_function(gen):
