@@ -36,9 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fdfo.sampling import churn_step as reference  # noqa: F401  (the ground truth, given the same noise)
-from fdfo.sampling import prior_churn as reference_prior  # noqa: F401
-
 from .launch import FLOAT_TYPES, check_device, empty, out_view, rows_view
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2

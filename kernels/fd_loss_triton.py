@@ -51,7 +51,6 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from fdfo.loss import MS_EPS
-from fdfo.loss import fdfo_loss as reference  # noqa: F401  (the ground truth this kernel must match)
 
 from .launch import FLOAT_TYPES, check_device, empty, launch_config, next_pow2, rows_view
 

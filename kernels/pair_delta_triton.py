@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fdfo.loss import pair_delta as reference  # noqa: F401  (the ground truth this kernel must match)
-
 from .launch import FLOAT_TYPES, check_device, empty, launch_config, next_pow2, rows_view
 
 
