@@ -90,3 +90,15 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)  # (also what a crash between the two renames left behind)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory so that it never exists half-deleted under its own name: it is renamed to
+    ``<name>.deleting`` first (a crash leaves that name, which the next call for the same path clears)."""
+    path = Path(path)
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    if path.exists():
+        os.replace(path, doomed)
+        _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""Everything the trainer and the tools need to know about ranks, in one place.
+
+    init()                    the process group: DeepSpeed's launcher, torchrun, or a plain process
+    rank(), world_size()      this process's place (0 and 1 without a process group)
+    print0(msg)               one line from rank 0, safe beside tqdm bars
+    sum_over_ranks(values)    float64 all-reduce of a list of numbers or of a tensor
+    gather_rows(x)            concatenation of a per-rank tensor over ranks, in rank order
+    rank0_first()             rank 0 runs the block first (building shared assets: cached base
+                              models, reward weights); the others wait, then run it too and load
+
+Every helper is the identity in a single process with no process group, so tools that
+can run without one (generate, evaluate) use them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(*, deepspeed: bool = True) -> torch.device:
+    """Join (or create) the process group and return this rank's device.
+
+    A plain ``python fdfo/train.py`` becomes rank 0 of a world of 1 on a free local port, so the
+    trainer has one code path. ``deepspeed=False`` (the inference tools) creates a group only when
+    launched with WORLD_SIZE > 1 and never imports DeepSpeed.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        return device
+    if deepspeed:
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        if device.type != "cuda":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend, verbose=False)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend)
+    return device
+
+
+def active() -> bool:
+    """A process group with more than one rank."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def print0(msg: str) -> None:
+    """Print from rank 0 only, through tqdm so that progress bars stay intact."""
+    if rank() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[fdfo] {msg}")
+
+
+def _reduce_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values):
+    """Sum over ranks in float64: a list of numbers gives a list, a tensor gives a CPU float64 tensor."""
+    as_list = not isinstance(values, torch.Tensor)
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if active():
+        t = t.to(_reduce_device())
+        dist.all_reduce(t)
+        t = t.cpu()
+    return t.tolist() if as_list else t
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each named value (every rank must pass the same names in the same order)."""
+    totals = sum_over_ranks(list(values.values()))
+    return {k: v / world_size() for k, v in zip(values, totals)}
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-rank tensor [n, ...] over ranks -> [world·n, ...] (rank order)."""
+    if not active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Run the block on rank 0, then on the other ranks.
+
+    For shared assets that the block creates on first use and loads afterwards (a cached base
+    model, trained reward weights): rank 0 builds them while the others wait, and the others
+    then find them built. If the block fails on rank 0, the others stop with the same message
+    instead of waiting at a barrier until the process group times out.
+    """
+    if not active():
+        yield
+        return
+    if rank() == 0:
+        error: list[str | None] = [None]
+        try:
+            yield
+        except BaseException as exc:
+            error = [f"{type(exc).__name__}: {exc}"]
+            raise
+        finally:
+            dist.broadcast_object_list(error, src=0)
+        return
+    error = [None]
+    dist.broadcast_object_list(error, src=0)  # waits for rank 0's block
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 failed while building a shared asset: {error[0]}")
+    yield
