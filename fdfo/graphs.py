@@ -72,7 +72,8 @@ class GraphSampler:
     compile:        wrap forward in ``torch.compile`` (True, or a dict of its keyword arguments).
     module:         the nn.Module whose parameters forward reads: graphs are re-captured when
                     any of them moves to another address.
-    backend:        fdfo.kernels backend for the churn step (None: the process-wide one).
+    backend:        fdfo.kernels backend of the churn step, "auto" (Triton on CUDA), "triton" or "torch";
+                    graphs are captured only when it resolves to compiled Triton.
     warmup:         eager steps on a side stream before each capture (compiles Triton kernels,
                     torch.compile, cuBLAS workspaces).
     log:            where the one fallback message goes (default ``warnings.warn``).
@@ -80,10 +81,12 @@ class GraphSampler:
 
     def __init__(self, forward: ForwardFn, *, guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                  store_dtype: torch.dtype | None = None, graphs: bool = True, compile: bool | dict = False,
-                 module: nn.Module | None = None, backend: str | None = None, warmup: int = 2,
+                 module: nn.Module | None = None, backend: str = "auto", warmup: int = 2,
                  log: Callable[[str], None] | None = None):
         if guidance_scale != 1.0 and uncond is None:
             raise ValueError("guidance_scale != 1 needs the negative-prompt conditioning (uncond)")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(kernels.BACKENDS)}")
         if compile:
             forward = torch.compile(forward, **({"dynamic": False} | (compile if isinstance(compile, dict) else {})))
         self.forward = forward
@@ -107,7 +110,8 @@ class GraphSampler:
     def for_model(cls, model, *, guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                   **kwargs) -> "GraphSampler":
         """A sampler over a flow model of ``fdfo.models`` (its transformer, with LoRA if added; under ZeRO-3
-        its persistent inference copy, so the graph is captured once per run)."""
+        its persistent inference copy, so the graph is captured once per run). Other keyword arguments
+        (``backend``, ``graphs``, ``compile``, ``log``, ...) go to the constructor unchanged."""
         module = model.inference_transformer if model.inference_transformer is not None else model.transformer
         return cls(lambda x, sigma, cond: model.velocity(x, sigma, cond, net=module), guidance_scale=guidance_scale,
                    uncond=uncond, module=module, **kwargs)

@@ -9,12 +9,13 @@
                                                     no noise tensor is given
     churn_noise(shape, seed, offset, *, device)     the noise churn_step draws for (seed, offset)
 
-Every function takes ``backend=None|"auto"|"triton"|"torch"``; None means the
-process-wide mode of ``set_backend`` (default "auto", the trainer's
-``train.kernels``). "auto": Triton for CUDA tensors when triton is installed,
-the PyTorch reference otherwise. "triton": always Triton; CPU tensors then need
-the interpreter (TRITON_INTERPRET=1 set before triton is first imported).
-"torch": always the reference.
+Every function takes ``backend="auto"|"triton"|"torch"``, chosen per call (or held by the
+caller's object, e.g. ``fdfo.graphs.GraphSampler``; the trainer passes its ``train.kernels``):
+there is no process-wide mode. "auto": Triton for CUDA tensors when triton is installed, the
+PyTorch reference otherwise. "triton": always Triton; CPU tensors then need the interpreter
+(TRITON_INTERPRET=1 set before triton is first imported). "torch": always the reference.
+``resolve_backend`` says which of the two a call takes, ``triton_interpreted`` whether the
+Triton kernels run in the interpreter.
 
 triton is imported only when a Triton path runs, so this package imports (and
 "auto" works) where triton is not installed. The kernels live in
@@ -43,22 +44,11 @@ from fdfo.loss import pair_delta as _pair_delta_torch
 from fdfo.sampling import churn_step as _churn_step_torch
 from fdfo.sampling import prior_churn as _prior_churn_torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "triton_interpreted", "resolve_backend",
-           "fd_loss", "pair_delta", "churn_step", "prior_churn", "churn_noise"]
+__all__ = ["BACKENDS", "triton_available", "triton_interpreted", "resolve_backend", "fd_loss", "pair_delta",
+           "churn_step", "prior_churn", "churn_noise"]
 
 BACKENDS = ("auto", "triton", "torch")
-_backend = "auto"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def set_backend(name: str) -> None:
-    """Process-wide default: "auto" (Triton on CUDA), "triton" (always) or "torch" (never)."""
-    global _backend
-    _backend = _check_backend(name)
-
-
-def get_backend() -> str:
-    return _backend
 
 
 def triton_available() -> bool:
@@ -83,7 +73,7 @@ def triton_interpreted() -> bool:
     return interpreted(_churn_step_kernel)
 
 
-def resolve_backend(backend: str | None, *tensors: torch.Tensor | None, device=None) -> str:
+def resolve_backend(backend: str = "auto", *tensors: torch.Tensor | None, device=None) -> str:
     """"triton" or "torch": the path a function of this package takes for ``backend`` and these tensors
     (or a bare ``device``). Raises ValueError for an unknown backend and RuntimeError for "triton"
     without triton installed."""
@@ -92,12 +82,12 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor | None, device=N
 
 def _check_backend(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend '{name}'; valid: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
     return name
 
 
-def _use_triton(backend: str | None, *tensors: torch.Tensor | None, device: torch.device | None = None) -> bool:
-    mode = _check_backend(backend) if backend is not None else _backend
+def _use_triton(backend: str, *tensors: torch.Tensor | None, device: torch.device | None = None) -> bool:
+    mode = _check_backend(backend)
     if mode == "torch":
         return False
     tensors = [t for t in tensors if t is not None]
@@ -116,7 +106,7 @@ def _use_triton(backend: str | None, *tensors: torch.Tensor | None, device: torc
 
 
 def fd_loss(v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor, clip_range: float, *,
-            backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FD surrogate loss and its metrics (see fdfo.loss.fdfo_loss); gradient flows into v."""
     if _use_triton(backend, v, v_ref, d, dR):
         from .fd_loss_triton import fd_loss as fd_loss_triton
@@ -129,7 +119,7 @@ def fd_loss(v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Ten
 
 
 def pair_delta(x0: torch.Tensor, rewards: torch.Tensor, *,
-               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d [2P, ...], dR [2P], per-row mean square of d [2P] (see fdfo.loss.pair_delta)."""
     if _use_triton(backend, x0, rewards):
         from .pair_delta_triton import pair_delta as pair_delta_triton
@@ -160,7 +150,7 @@ def _torch_noise(shape, seed, offset, device, dtype=torch.float32) -> torch.Tens
 
 
 def churn_noise(shape, seed, offset=0, *, device, dtype: torch.dtype = torch.float32,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str = "auto") -> torch.Tensor:
     """The fresh noise ε [rows, ...] that churn_step/prior_churn draw for (seed, offset) on this backend."""
     if _use_triton(backend, device=torch.device(device)):
         from .churn_step_triton import churn_noise as churn_noise_triton
@@ -190,7 +180,7 @@ def _churn_torch(x, v, t, s, gamma, noise, v_cond, cfg_scale, seed, offset, out,
 def churn_step(x: torch.Tensor, v: torch.Tensor, t, s, gamma, noise: torch.Tensor | None = None, *,
                v_cond: torch.Tensor | None = None, cfg_scale: float | None = None, seed=None, offset=0,
                out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
-               backend: str | None = None) -> torch.Tensor:
+               backend: str = "auto") -> torch.Tensor:
     """One overshoot-Euler churn step from σ=t to σ=s for all rows (see fdfo.sampling.churn_step).
 
     x [rows, ...]; v [rows, ...] the velocity, or with ``v_cond`` the unconditional one
@@ -211,7 +201,7 @@ def churn_step(x: torch.Tensor, v: torch.Tensor, t, s, gamma, noise: torch.Tenso
 
 
 def prior_churn(x: torch.Tensor, gamma, noise: torch.Tensor | None = None, *, seed=None, offset=0,
-                out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """x/(1+γ₀) + sqrt((1+γ₀)² − 1)/(1+γ₀)·ε for all rows (see fdfo.sampling.prior_churn)."""
     if _use_triton(backend, x, noise, out):
         from .churn_step_triton import prior_churn as prior_churn_triton

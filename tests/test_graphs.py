@@ -180,6 +180,28 @@ def test_arguments_are_checked():
         GraphSampler(net, backend="torch", log=lambda m: None).sample(latents, cond[:2], sigmas, g_prior, g_steps, 0)
 
 
+def test_backend_is_chosen_per_sampler_and_passed_through_for_model():
+    """GraphSampler's backend defaults to "auto", is checked up front, and for_model passes it on:
+    the two backends draw different noise, so the sample says which one ran."""
+    net = TinyVelocity()
+    assert GraphSampler(net).backend == "auto"
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        GraphSampler(net, backend="cuda")
+    if not kernels.triton_interpreted():
+        pytest.skip("the Triton kernels cannot run on CPU tensors here (no triton, or no TRITON_INTERPRET=1)")
+    model = types.SimpleNamespace(inference_transformer=None, transformer=net,
+                                  velocity=lambda x, sigma, cond, net: net(x, sigma, cond))
+    latents, cond, _, sigmas, g_prior, g_steps = _inputs(P=1, T=2, seed=int(torch.randint(1 << 30, ())))
+    x0 = {}
+    for backend in ("torch", "triton"):
+        direct = GraphSampler(net, backend=backend, log=lambda m: None)
+        via_model = GraphSampler.for_model(model, backend=backend, log=lambda m: None)
+        assert via_model.backend == backend and via_model.module is net
+        x0[backend] = direct.sample(latents, cond, sigmas, g_prior, g_steps, seed=4).x0
+        assert torch.equal(via_model.sample(latents, cond, sigmas, g_prior, g_steps, seed=4).x0, x0[backend])
+    assert not torch.equal(x0["torch"], x0["triton"])
+
+
 def test_weights_signature_follows_moved_parameters():
     net = TinyVelocity()
     sampler = GraphSampler(net, module=net)

@@ -378,33 +378,41 @@ def test_churn_step_with_device_tensor_seed_equals_int_seed(gen):
 
 
 def test_auto_backend_uses_the_reference_on_cpu(gen):
-    assert K.get_backend() == "auto"
+    """backend="auto" is every function's default: on CPU tensors it takes the PyTorch references."""
     v, v_ref, d, dR = _loss_inputs(gen, 4, (2, 4, 4), torch.float32)
-    loss, metrics = K.fd_loss(v, v_ref, d, dR, CLIP)
-    loss_r, metrics_r = fdfo_loss(v, v_ref, d, dR, CLIP)
-    assert torch.equal(loss, loss_r) and all(torch.equal(metrics[k], metrics_r[k]) for k in metrics_r)
-    x0, R = torch.randn(4, 2, 3, 3, generator=gen), torch.randn(4, generator=gen)
-    assert all(torch.equal(a, b) for a, b in zip(K.pair_delta(x0, R), pair_delta(x0, R)))
-    x, v_u, _, t, s, g = _churn_inputs(gen, 4, (2, 3, 3), torch.float32)
-    noise = K.churn_noise(x.shape, 5, 2, device="cpu")
-    assert torch.equal(K.churn_step(x, v_u, t, s, g, seed=5, offset=2), churn_step(x, v_u, t, s, g, noise))
-    assert torch.equal(K.churn_step(x, v_u, t, s, g, seed=5, offset=2), K.churn_step(x, v_u, t, s, g, seed=5, offset=2))
+    for kwargs in ({}, {"backend": "auto"}):
+        loss, metrics = K.fd_loss(v, v_ref, d, dR, CLIP, **kwargs)
+        loss_r, metrics_r = fdfo_loss(v, v_ref, d, dR, CLIP)
+        assert torch.equal(loss, loss_r) and all(torch.equal(metrics[k], metrics_r[k]) for k in metrics_r)
+        x0, R = torch.randn(4, 2, 3, 3, generator=gen), torch.randn(4, generator=gen)
+        assert all(torch.equal(a, b) for a, b in zip(K.pair_delta(x0, R, **kwargs), pair_delta(x0, R)))
+        x, v_u, _, t, s, g = _churn_inputs(gen, 4, (2, 3, 3), torch.float32)
+        noise = K.churn_noise(x.shape, 5, 2, device="cpu", **kwargs)
+        out = K.churn_step(x, v_u, t, s, g, seed=5, offset=2, **kwargs)
+        assert torch.equal(out, churn_step(x, v_u, t, s, g, noise))
+        assert torch.equal(out, K.churn_step(x, v_u, t, s, g, seed=5, offset=2, backend="torch"))
+    assert K.resolve_backend("auto", x) == "torch" and K.resolve_backend("triton", x) == "triton" and K.resolve_backend("torch", device="cpu") == "torch"
 
 
-def test_forced_backends_agree(gen, monkeypatch):
+def test_forced_backends_agree_call_by_call(gen):
+    """The backend is an argument of each call: calls with different backends interleave freely."""
     v, v_ref, d, dR = _loss_inputs(gen, 4, (2, 4, 4), torch.float32)
     x0, R = torch.randn(4, 2, 3, 3, generator=gen), torch.randn(4, generator=gen)
-    results = {}
-    for mode in ("torch", "triton"):
-        monkeypatch.setattr(K, "_backend", "auto")
-        K.set_backend(mode)
-        results[mode] = (K.fd_loss(v, v_ref, d, dR, CLIP)[0], *K.pair_delta(x0, R))
-    for a, b in zip(results["torch"], results["triton"]):
+    results = {"torch": [], "triton": []}
+    for _ in range(2):
+        for mode in ("torch", "triton"):
+            results[mode].append((K.fd_loss(v, v_ref, d, dR, CLIP, backend=mode)[0],
+                                  *K.pair_delta(x0, R, backend=mode)))
+    for mode in results:  # the same call gives the same result whatever ran in between
+        assert all(torch.equal(a, b) for a, b in zip(*results[mode]))
+    for a, b in zip(results["torch"][0], results["triton"][0]):
         _close(a, b, 2e-5, 1e-7, "torch vs triton backend")
+    assert not hasattr(K, "set_backend") and not hasattr(K, "get_backend")
+    for bad in ("fast", None):
+        with pytest.raises(ValueError, match="unknown kernel backend"):
+            K.fd_loss(v, v_ref, d, dR, CLIP, backend=bad)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        K.set_backend("cuda")
-    with pytest.raises(ValueError, match="unknown kernel backend"):
-        K.fd_loss(v, v_ref, d, dR, CLIP, backend="fast")
+        K.resolve_backend("cuda", v)
 
 
 def test_import_without_triton_and_the_error_without_the_interpreter():

@@ -203,7 +203,6 @@ def test_flow_grpo_in_the_same_trainer(tmp_path, tiny_pipeline_dir, digit_reward
 def test_triton_kernels_train_like_the_torch_reference(tmp_path, tiny_pipeline_dir, digit_reward_dir):
     """train.kernels: triton (the interpreter on CPU) gives the same update as the PyTorch references."""
     pytest.importorskip("triton")
-    from fdfo import kernels
     from fdfo.trainer import Trainer
 
     finals = {}
@@ -211,11 +210,8 @@ def test_triton_kernels_train_like_the_torch_reference(tmp_path, tiny_pipeline_d
         cfg = tiny_run(tmp_path / backend, tiny_pipeline_dir, digit_reward_dir,
                        train={"epochs": 1, "kernels": backend}, eval={"every": 0, "metrics": []},
                        checkpoint={"every": 0})
-        try:
-            t = Trainer(cfg)
-            t.run()
-        finally:
-            kernels.set_backend("auto")
+        t = Trainer(cfg)
+        t.run()
         finals[backend] = lora_weights(t)
     for k in finals["torch"]:
         torch.testing.assert_close(finals["triton"][k], finals["torch"][k], rtol=1e-4, atol=1e-6)
