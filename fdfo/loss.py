@@ -29,7 +29,8 @@ def pair_delta(x0: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def fdfo_loss(
-    v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor, clip_range: float
+    v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor, clip_range: float,
+    ms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPO-style surrogate of the finite-difference objective, averaged over rows.
 
@@ -37,6 +38,8 @@ def fdfo_loss(
     v_ref: [rows, ...] velocity used while sampling
     d:     [rows, ...] raw pair half-difference of the final latents
     dR:    [rows]      pair half-difference of rewards
+    ms:    [rows]      mean(d²) of each row, as ``pair_delta`` returns it (indexed like d), or
+                       None to compute it here; sampled data, it gets no gradient
 
         d̂      = d / (mean(d²) + 1e-6)
         log r  = lp − lp_ref = −mean((v − v_ref + d̂)²) + mean(d̂²)
@@ -49,7 +52,12 @@ def fdfo_loss(
     """
     dims = tuple(range(1, v.ndim))
     d32 = d.float()
-    ms = d32.pow(2).mean(dims, keepdim=True)
+    if ms is None:
+        ms = d32.pow(2).mean(dims, keepdim=True)
+    elif ms.numel() != v.shape[0]:
+        raise ValueError(f"fdfo_loss: ms must hold one mean square per row ({v.shape[0]}), got {tuple(ms.shape)}")
+    else:
+        ms = ms.detach().float().reshape(-1, *[1] * (v.ndim - 1))
     d_hat = d32 / (ms + MS_EPS)
     delta = v.float() - v_ref.float()
     log_ratio = -(delta * (delta + 2 * d_hat)).mean(dims)  # [rows]

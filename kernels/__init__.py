@@ -1,6 +1,7 @@
 """Fused Triton kernels for FDFO and the dispatch between them and their PyTorch references.
 
-    fd_loss(v, v_ref, d, dR, clip_range)            same as fdfo.loss.fdfo_loss (loss, metrics)
+    fd_loss(v, v_ref, d, dR, clip_range, ms=None)   same as fdfo.loss.fdfo_loss (loss, metrics); ms:
+                                                    pair_delta's per-row mean square, or None
     pair_delta(x0, rewards)                         same as fdfo.loss.pair_delta (d, dR, ms)
     churn_step(x, v, t, s, gamma, noise=None, *, v_cond, cfg_scale, seed, offset, out, v_out)
     prior_churn(x, gamma, noise=None, *, seed, offset, out)
@@ -105,14 +106,19 @@ def _use_triton(backend: str, *tensors: torch.Tensor | None, device: torch.devic
 # --------------------------------------------------------------------------- fd_loss
 
 
-def fd_loss(v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor, clip_range: float, *,
-            backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The FD surrogate loss and its metrics (see fdfo.loss.fdfo_loss); gradient flows into v."""
-    if _use_triton(backend, v, v_ref, d, dR):
+def fd_loss(v: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor, clip_range: float,
+            ms: torch.Tensor | None = None, *, backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The FD surrogate loss and its metrics (see fdfo.loss.fdfo_loss); gradient flows into v.
+
+    ms: the rows' mean(d²) [rows] as ``pair_delta`` returns it (``ms[rows]`` for a micro-batch
+    ``d[rows]``), or None to compute it from d. Given, the Triton path writes the gradient's
+    direction in its first pass and only rescales it in the second (v, v_ref and d are read once).
+    """
+    if _use_triton(backend, v, v_ref, d, dR, ms):
         from .fd_loss_triton import fd_loss as fd_loss_triton
 
-        return fd_loss_triton(v, v_ref, d, dR, clip_range)
-    return _fdfo_loss_torch(v, v_ref, d, dR, clip_range)
+        return fd_loss_triton(v, v_ref, d, dR, clip_range, ms)
+    return _fdfo_loss_torch(v, v_ref, d, dR, clip_range, ms)
 
 
 # --------------------------------------------------------------------------- pair_delta

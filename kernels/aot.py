@@ -236,11 +236,11 @@ def sd35_launches(resolutions=(512, 1024), rows=(2, 12, 26), cfg_scale: float = 
     """The launches the trainer and the graph sampler make for SD3.5 latents at these image sizes.
 
     Per (resolution, rows), for fp32 and bf16 storage: pair_delta; fd_loss forward (with and
-    without the gradient) on fp32 velocities (the trainer's) and bf16 ones against the stored
-    velocities; the churn step with and without fused CFG, noise from device-tensor seed/offset
-    (the captured graph) and from 64-bit Python ints (eager), with and without the v_out write;
-    the prior churn; and the standalone noise kernel. Storage is allocated on the CPU, nothing is
-    run.
+    without the gradient, summing mean(d²) itself and taking pair_delta's ms) on fp32 velocities
+    (the trainer's) and bf16 ones against the stored velocities; the churn step with and without
+    fused CFG, noise from device-tensor seed/offset (the captured graph) and from 64-bit Python
+    ints (eager), with and without the v_out write; the prior churn; and the standalone noise
+    kernel. Storage is allocated on the CPU, nothing is run.
     """
     from fdfo import kernels
 
@@ -258,8 +258,10 @@ def sd35_launches(resolutions=(512, 1024), rows=(2, 12, 26), cfg_scale: float = 
                     for vel in ((torch.float32, torch.bfloat16) if store == torch.float32 else (torch.bfloat16,)):
                         v = torch.empty(shape, dtype=vel)
                         v_ref, d, dR = torch.empty(shape, dtype=store), torch.empty(shape, dtype=store), torch.empty(r)
-                        fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=True)
-                        fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, write_grad=False)
+                        # ms=None sums mean(d²) itself; the trainer passes pair_delta's (fp32) ms.
+                        for ms in (None, torch.empty(r)):
+                            fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, ms, write_grad=True)
+                            fd_loss_triton.fd_loss_forward(v, v_ref, d, dR, 1e-4, ms, write_grad=False)
 
                         x = torch.empty(shape, dtype=store)
                         coef = torch.empty(3, r)

@@ -12,6 +12,7 @@ so bf16 outputs are compared with a tolerance of one or two bf16 ulps.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import subprocess
@@ -63,11 +64,13 @@ def _close(actual, expected, rtol, atol, what):
 # --------------------------------------------------------------------------- fd_loss
 
 
-def _gold_loss(v, v_ref, d, dR, clip):
-    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64; returns loss, per-row ratio, loss."""
+def _gold_loss(v, v_ref, d, dR, clip, ms=None):
+    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64; returns loss, per-row ratio, loss.
+    ms: the rows' mean(d²), or None to compute it from d."""
     v, v_ref, d, dR = (a.double() for a in (v, v_ref, d, dR))
     dims = tuple(range(1, v.ndim))
-    d_hat = d / ((d**2).mean(dims, keepdim=True) + 1e-6)
+    ms = (d**2).mean(dims, keepdim=True) if ms is None else ms.double().view(-1, *[1] * len(dims))
+    d_hat = d / (ms + 1e-6)
     lp = -((v - (v_ref - d_hat)) ** 2).mean(dims)
     lp_ref = -(d_hat**2).mean(dims)
     ratio = torch.exp(lp - lp_ref)
@@ -90,6 +93,9 @@ def _loss_inputs(gen, rows, shape, dtype, d_scale=0.3):
 LOSS_CASES = [(2, (4, 5, 7), None, None), (6, (3, 11, 13), 64, 3), (26, (2, 6, 5), 16, None),
               (4, (16, 8, 8), None, None)]
 TOL = {torch.float32: dict(loss=2e-5, grad=2e-4), torch.bfloat16: dict(loss=2e-5, grad=2.2 * BF16_ULP)}
+# With ms given, a bf16 gradient is rounded twice (the direction, then the scaled value): up to one
+# more ulp in the interpreter, whose casts truncate.
+TOL_MS_GIVEN = TOL | {torch.bfloat16: dict(loss=2e-5, grad=3.2 * BF16_ULP)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -131,6 +137,100 @@ def test_fd_loss_forward_and_gradient_match_reference_and_gold(gen, dtype, rows,
     _close(vk.grad, v64.grad, tol["grad"], 1e-3 * gmax, "gradient vs gold")
     _close(vk.grad, vr.grad, tol["grad"], 1e-3 * gmax, "gradient vs reference")
     _close(grad * scale, vk.grad, tol["grad"], 1e-3 * gmax, "configured launch vs default launch")
+
+
+def _fd_loss_run(v, v_ref, d, dR, ms, fn, scale, **kwargs):
+    """(loss, mean ratio, clipfrac, ∂(scale·loss)/∂v) of one fd_loss implementation."""
+    vk = v.clone().requires_grad_(True)
+    loss, metrics = fn(vk, v_ref, d, dR, CLIP, ms, **kwargs)
+    (scale * loss).backward()
+    return loss.detach(), metrics["ratio"], metrics["clipfrac"], vk.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,shape,block,max_chunks", LOSS_CASES)
+def test_fd_loss_with_pair_delta_ms_equals_the_path_that_sums_it(gen, dtype, rows, shape, block, max_chunks):
+    """ms from pair_delta: the kernel takes the mean square as given (phase 1 writes the gradient
+    direction, phase 2 rescales it) and gives what ms=None gives, and what the reference and the
+    float64 gold give; for all rows and for ms[idx] of a micro-batch of rows (repeats allowed, as the
+    trainer's (row, step) elements). A different ms gives the formula's result for that ms."""
+    x0 = torch.randn(rows, *shape, generator=gen).to(dtype)
+    d_all, dR_all, ms_all = pair_delta_triton(x0, torch.randn(rows, generator=gen) * 0.2)
+    v_all, v_ref_all, _, _ = _loss_inputs(gen, rows, shape, dtype)
+    scale = float(torch.rand((), generator=gen)) * 4 - 2
+    tol = TOL_MS_GIVEN[dtype]
+    micro = torch.randint(rows, (max(2, rows // 2) + 1,), generator=gen)
+    for idx in (torch.arange(rows), micro):
+        v, v_ref, d, dR, ms = v_all[idx], v_ref_all[idx], d_all[idx], dR_all[idx], ms_all[idx]
+        kernel_sums = _fd_loss_run(v, v_ref, d, dR, None, fd_loss_triton, scale)
+        kernel_given = _fd_loss_run(v, v_ref, d, dR, ms, fd_loss_triton, scale)
+        reference = _fd_loss_run(v, v_ref, d, dR, ms, fdfo_loss, scale)
+        v64 = v.double().requires_grad_(True)
+        gold, ratio, _ = _gold_loss(v64, v_ref, d, dR, CLIP)
+        (scale * gold).backward()
+        gmax = float(v64.grad.abs().max())
+        for other, what in ((kernel_sums, "ms=None"), (reference, "reference")):
+            _close(kernel_given[0], other[0], tol["loss"], 1e-7, f"loss vs {what}")
+            _close(kernel_given[1], other[1], 1e-5, 0, f"ratio vs {what}")
+            _close(kernel_given[3], other[3], tol["grad"], 1e-3 * gmax, f"gradient vs {what}")
+        assert kernel_given[3].dtype == dtype
+        # pair_delta sums the squares over the same chunks, in the same order, as phase 1 does without ms:
+        # the same ms, hence the same loss and metrics to the bit (and the same fp32 gradient; a bf16
+        # one is rounded twice with ms given).
+        for k in range(3 if dtype != torch.float32 else 4):
+            assert torch.equal(kernel_given[k], kernel_sums[k]), ("loss", "ratio", "clipfrac", "gradient")[k]
+        _close(kernel_given[0], gold, tol["loss"], 1e-7, "loss vs gold")
+        _close(kernel_given[3], v64.grad, tol["grad"], 1e-3 * gmax, "gradient vs gold")
+        # With write_grad off (one program per row in phase 2), and a launch configuration of its own.
+        loss, metrics, row_stats, grad = fd_loss_forward(v, v_ref, d, dR, CLIP, ms, write_grad=False, block=block,
+                                                         max_chunks=max_chunks)
+        assert grad is None
+        _close(loss, kernel_sums[0], tol["loss"], 1e-7, "loss without gradient")
+        _close(row_stats[1], ratio, 1e-5, 0, "per-row ratio without gradient")
+        _, _, _, grad = fd_loss_forward(v, v_ref, d, dR, CLIP, ms, block=block, max_chunks=max_chunks)
+        _close(grad * scale, kernel_given[3], tol["grad"], 1e-3 * gmax, "configured launch vs default launch")
+
+    # The given ms is the one used: scaled, the result follows the formula for the scaled value.
+    other_ms = ms * (0.5 + float(torch.rand((), generator=gen)))
+    loss, ratio_mean, _, grad = _fd_loss_run(v, v_ref, d, dR, other_ms, fd_loss_triton, scale)
+    v64 = v.double().requires_grad_(True)
+    gold, ratio, _ = _gold_loss(v64, v_ref, d, dR, CLIP, ms=other_ms)
+    (scale * gold).backward()
+    _close(loss, gold, tol["loss"], 1e-7, "loss for another ms")
+    _close(ratio_mean, ratio.mean(), 1e-5, 0, "ratio for another ms")
+    _close(grad, v64.grad, tol["grad"], 1e-3 * float(v64.grad.abs().max()), "gradient for another ms")
+
+
+def test_fd_loss_with_ms_reads_the_inputs_once(gen, monkeypatch):
+    """With ms given, phase 2 only rescales the direction phase 1 wrote: handing it NaN in place of
+    v, v_ref and d changes nothing. (Without ms it reads them again: there the NaN shows.)"""
+    from fdfo.kernels import fd_loss_triton as module
+
+    rows, shape = 6, (3, 10, 9)
+    x0 = torch.randn(rows, *shape, generator=gen)
+    d, dR, ms = pair_delta_triton(x0, torch.randn(rows, generator=gen))
+    v, v_ref, _, _ = _loss_inputs(gen, rows, shape, torch.float32)
+    expected = fd_loss_forward(v, v_ref, d, dR, CLIP, ms, block=32)
+    real = module._finish_kernel
+
+    class NaNInputs:  # a stand-in for phase 2 that replaces its v, v_ref and d by NaN
+        runs_on_cpu = True
+
+        def __getitem__(self, grid):
+            def launch(v2, vr2, d2, *args, **kwargs):
+                real[grid](*(torch.full_like(a, math.nan) for a in (v2, vr2, d2)), *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "_finish_kernel", NaNInputs())
+    for a, b in zip(fd_loss_forward(v, v_ref, d, dR, CLIP, ms, block=32), expected):
+        assert torch.equal(a, b)
+    assert fd_loss_forward(v, v_ref, d, dR, CLIP, block=32)[3].isnan().all()
+
+
+def test_fd_loss_rejects_an_ms_of_other_rows(gen):
+    v, v_ref, d, dR = _loss_inputs(gen, 4, (2, 3, 3), torch.float32)
+    with pytest.raises(ValueError, match="one mean square per row"):
+        fd_loss_forward(v, v_ref, d, dR, CLIP, torch.ones(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -391,17 +491,20 @@ def test_auto_backend_uses_the_reference_on_cpu(gen):
         out = K.churn_step(x, v_u, t, s, g, seed=5, offset=2, **kwargs)
         assert torch.equal(out, churn_step(x, v_u, t, s, g, noise))
         assert torch.equal(out, K.churn_step(x, v_u, t, s, g, seed=5, offset=2, backend="torch"))
-    assert K.resolve_backend("auto", x) == "torch" and K.resolve_backend("triton", x) == "triton" and K.resolve_backend("torch", device="cpu") == "torch"
+    assert K.resolve_backend("auto", x) == "torch" and K.resolve_backend("triton", x) == "triton"
+    assert K.resolve_backend("torch", device="cpu") == "torch"
 
 
 def test_forced_backends_agree_call_by_call(gen):
     """The backend is an argument of each call: calls with different backends interleave freely."""
     v, v_ref, d, dR = _loss_inputs(gen, 4, (2, 4, 4), torch.float32)
     x0, R = torch.randn(4, 2, 3, 3, generator=gen), torch.randn(4, generator=gen)
+    ms = d.double().pow(2).flatten(1).mean(1).float()
     results = {"torch": [], "triton": []}
     for _ in range(2):
         for mode in ("torch", "triton"):
             results[mode].append((K.fd_loss(v, v_ref, d, dR, CLIP, backend=mode)[0],
+                                  K.fd_loss(v, v_ref, d, dR, CLIP, ms=ms, backend=mode)[0],
                                   *K.pair_delta(x0, R, backend=mode)))
     for mode in results:  # the same call gives the same result whatever ran in between
         assert all(torch.equal(a, b) for a, b in zip(*results[mode]))
@@ -471,9 +574,13 @@ def test_cpu_tensors_are_accepted_by_interpreted_kernels_and_declared_stand_ins(
 def test_fd_loss_function_is_a_public_autograd_function(gen):
     v, v_ref, d, dR = _loss_inputs(gen, 2, (2, 4, 4), torch.float32)
     v.requires_grad_(True)
-    loss, metrics, row_stats = FDLossFunction.apply(v, v_ref, d, dR, CLIP)
+    loss, metrics, row_stats = FDLossFunction.apply(v, v_ref, d, dR, CLIP)  # ms is optional
     assert loss.requires_grad and not metrics.requires_grad and not row_stats.requires_grad
     assert row_stats.shape == (3, 2) and metrics.shape == (2,)
+    loss.backward()
+    v2 = v.detach().clone().requires_grad_(True)
+    fdfo_loss(v2, v_ref, d, dR, CLIP)[0].backward()
+    _close(v.grad, v2.grad, 2e-4, 1e-3 * float(v2.grad.abs().max()), "gradient")
 
 
 def test_dispatch_functions_are_not_shadowed_by_the_kernel_modules():

@@ -80,10 +80,29 @@ def test_streaming_loads_and_stores_are_128_bit(sm90, name):
     for k in streaming:
         loads, stores = set(k["ptx_loads"]), set(k["ptx_stores"])
         assert loads & {"ld.global.v4.b32", "ld.global.nc.v4.b32"}, f"{name} {k['describe']}: no vector loads"
-        if name == "_partial_sums_kernel":  # every load is a row stream: none may be scalar
-            assert all(".v4." in op for op in loads), (k["describe"], loads)
-        else:  # (phase 1 only writes three floats per program)
+        if name == "_partial_sums_kernel":
+            # Every load is a row stream, except the row's ms (one scalar) where it is given.
+            scalar = {op for op in loads if ".v4." not in op}
+            assert scalar <= ({"ld.global.b32", "ld.global.nc.b32"} if k["constexprs"]["MS_GIVEN"] else set()), \
+                (k["describe"], loads)
+            if k["constexprs"]["WRITE_DIR"]:  # (without it, phase 1 writes three floats per program)
+                assert "st.global.v4.b32" in stores, f"{name} {k['describe']}: no vector stores"
+        else:
             assert "st.global.v4.b32" in stores, f"{name} {k['describe']}: no vector stores"
+
+
+def test_fd_loss_specialisations_with_and_without_ms(sm90):
+    """Both phases compile with mean(d²) summed in phase 1 and with it given (the trainer's), with
+    and without the gradient, at every resolution and storage dtype."""
+    # (MS_GIVEN, WRITE_DIR) of phase 1 (the direction is written only with ms given) and
+    # (MS_GIVEN, WRITE_GRAD) of phase 2.
+    expected = {("_partial_sums_kernel", "WRITE_DIR"): {(False, False), (True, False), (True, True)},
+                ("_finish_kernel", "WRITE_GRAD"): {(False, False), (False, True), (True, False), (True, True)}}
+    for (name, flag), flags in expected.items():
+        for ptr in ("*fp32", "*bf16"):
+            got = {(k["constexprs"]["MS_GIVEN"], k["constexprs"][flag]) for k in sm90["kernels"]
+                   if k["kernel"] == name and k["pointers"]["v_ptr"] == ptr}
+            assert got == flags, (name, ptr, got)
 
 
 def _v_attrs(v: torch.Tensor) -> list:

@@ -1,5 +1,8 @@
 """The finite-difference loss against closed forms and an independent float64 version."""
 
+import os
+import secrets
+
 import pytest
 import torch
 
@@ -14,11 +17,11 @@ def _inputs(rows=6, shape=(4, 8, 8), seed=0, scale=0.05, dtype=torch.float32):
     return v_ref.to(dtype), d.to(dtype), dR
 
 
-def _gold(v, v_ref, d, dR, clip):
-    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64."""
+def _gold(v, v_ref, d, dR, clip, ms=None):
+    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64; ms: mean(d²) per row, or None."""
     v, v_ref, d, dR = (a.double() for a in (v, v_ref, d, dR))
     dims = tuple(range(1, v.ndim))
-    ms = (d**2).mean(dims, keepdim=True)
+    ms = (d**2).mean(dims, keepdim=True) if ms is None else ms.double().view(-1, *[1] * len(dims))
     d_hat = d / (ms + 1e-6)
     v_tgt = v_ref - d_hat
     lp = -((v - v_tgt) ** 2).mean(dims)
@@ -114,3 +117,44 @@ def test_bf16_inputs_compute_in_fp32():
     gold, _ = _gold(v.bfloat16(), v_ref.bfloat16(), d.bfloat16(), dR, 0.03)
     assert loss16.dtype == torch.float32
     assert float(loss16) == pytest.approx(float(gold), rel=1e-3, abs=1e-6)
+
+
+def _fresh_generator() -> torch.Generator:
+    seed = int(os.environ.get("FDFO_TEST_SEED", secrets.randbits(31)))
+    print(f"random seed: {seed} (replay with FDFO_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_given_ms_is_used_and_pair_delta_ms_gives_the_computed_loss(dtype):
+    """ms from pair_delta (all rows, or ms[rows] for a micro-batch of rows with repeats, as the trainer
+    passes it) gives the loss and gradient of ms=None; another ms gives the formula's result for it."""
+    g = _fresh_generator()
+    pairs, shape = 4, (4, 6, 6)
+    x0 = torch.randn(2 * pairs, *shape, generator=g).to(dtype)
+    d, dR, ms = pair_delta(x0, torch.rand(2 * pairs, generator=g))
+    v_ref_all = torch.randn(2 * pairs, *shape, generator=g).to(dtype)
+    v_all = (v_ref_all.float() + 0.02 * torch.randn(v_ref_all.shape, generator=g)).to(dtype)
+    micro = torch.randint(2 * pairs, (5,), generator=g)
+    for rows in (torch.arange(2 * pairs), micro):
+        v_ref, scale = v_ref_all[rows], float(torch.rand((), generator=g)) + 0.5
+        out = {}
+        for name, given in (("computed", None), ("given", ms[rows]), ("other", ms[rows] * scale)):
+            v = v_all[rows].clone().requires_grad_(True)
+            loss, metrics = fdfo_loss(v, v_ref, d[rows], dR[rows], 0.03, ms=given)
+            loss.backward()
+            out[name] = (loss.detach(), metrics["ratio"], v.grad)
+        for a, b in zip(out["given"], out["computed"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        v64 = v_all[rows].double().requires_grad_(True)
+        gold, ratio = _gold(v64, v_ref, d[rows], dR[rows], 0.03, ms=ms[rows] * scale)
+        gold.backward()
+        loss, mean_ratio, grad = out["other"]
+        assert float(loss) == pytest.approx(float(gold), rel=1e-4, abs=1e-7)
+        assert float(mean_ratio) == pytest.approx(float(ratio.mean()), rel=1e-5)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), v64.grad, rtol=1e-3 if dtype == torch.float32 else 2**-7,
+                                   atol=1e-3 * float(v64.grad.abs().max()))
+        assert not torch.equal(out["other"][2], out["computed"][2])  # ms is not ignored
+    with pytest.raises(ValueError, match="one mean square per row"):
+        fdfo_loss(v_all, v_ref_all, d, dR, 0.03, ms=ms[:3])
