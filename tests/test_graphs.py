@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import types
@@ -191,7 +192,9 @@ def test_backend_is_chosen_per_sampler_and_passed_through_for_model():
         pytest.skip("the Triton kernels cannot run on CPU tensors here (no triton, or no TRITON_INTERPRET=1)")
     model = types.SimpleNamespace(inference_transformer=None, transformer=net,
                                   velocity=lambda x, sigma, cond, net: net(x, sigma, cond))
-    latents, cond, _, sigmas, g_prior, g_steps = _inputs(P=1, T=2, seed=int(torch.randint(1 << 30, ())))
+    seed = secrets.randbits(30)
+    print(f"input seed: {seed}")
+    latents, cond, _, sigmas, g_prior, g_steps = _inputs(P=1, T=2, seed=seed)
     x0 = {}
     for backend in ("torch", "triton"):
         direct = GraphSampler(net, backend=backend, log=lambda m: None)
