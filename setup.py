@@ -1,12 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fdfo",
     version="0.1.0",
     description="Finite Difference Flow Optimization: online RL post-training of flow-matching text-to-image models",
-    packages=["fdfo", "fdfo.models", "fdfo.rewards", "fdfo.kernels"],
+    # fdfo and every package below it, and the Triton kernels, which live in kernels/ (ARCHITECTURE.md)
+    packages=find_packages(include=["fdfo", "fdfo.*"]) + ["fdfo.kernels"],
     package_dir={"fdfo.kernels": "kernels"},
-    package_data={"fdfo": ["../configs/*.yaml", "../configs/ds/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: GPU users bring their own CUDA build of torch.

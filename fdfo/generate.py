@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdfo.models import Conditioning, SD3FlowModel, resolve_dtype, resolve_model_path
+from fdfo import tasks
+from fdfo.models import Conditioning, SD3FlowModel, load_flow_model
 from fdfo.sampling import sample_deterministic
 
 PUBLISHED = {"steps": 40, "guidance": 1.0, "max_sequence_length": 128, "resolution": None}
@@ -93,28 +94,20 @@ def apply_checkpoint(model: SD3FlowModel, ckpt: Checkpoint) -> None:
 
 
 def sampling_defaults(model_path: str | None, run_config: dict | None) -> dict:
-    """steps, guidance, negative prompt, shift, text length, resolution: the run's, else the model's, else published."""
-    out = dict(PUBLISHED, negative_prompt="", shift=None, model=model_path, cache_dir=None)
-    if model_path == "builtin:digits":
-        from fdfo.presets import DIGITS
+    """steps, guidance, negative prompt, shift, text length, resolution: the run's, else those of the
+    built-in task's default job (for a ``builtin:`` model), else the published ones."""
+    out = dict(PUBLISHED, negative_prompt="", shift=None, model=model_path, revision=None, cache_dir=None)
+    if run_config is None and tasks.is_builtin(model_path):
+        from fdfo.config import build_config
 
-        out.update(steps=DIGITS["sampling"]["steps"], max_sequence_length=DIGITS["model"]["max_sequence_length"],
-                   resolution=DIGITS["model"]["resolution"])
+        run_config = build_config(tasks.preset(model_path)).to_dict()
     if run_config:
         m, s = run_config["model"], run_config["sampling"]
         out.update(model=model_path or m["path"], steps=s["steps"], guidance=s["guidance_scale"],
                    negative_prompt=s.get("negative_prompt", ""), shift=s.get("shift"),
                    max_sequence_length=m["max_sequence_length"], resolution=m["resolution"],
-                   cache_dir=m.get("cache_dir"))
+                   revision=m.get("revision"), cache_dir=m.get("cache_dir"))
     return out
-
-
-def load_model(model_path: str, *, device: torch.device, dtype: str = "auto", max_sequence_length: int,
-               resolution: int | None, shift: float | None = None, cache_dir: str | None = None,
-               progress: bool = True) -> SD3FlowModel:
-    path = resolve_model_path(model_path, cache_dir, progress=progress)
-    return SD3FlowModel(path, device=device, dtype=resolve_dtype(dtype, device),
-                        max_sequence_length=max_sequence_length, resolution=resolution, shift=shift)
 
 
 def seed_latents(model: SD3FlowModel, seeds: list[int]) -> torch.Tensor:
@@ -220,7 +213,9 @@ def parse_args(argv: list[str] | None):
 
 
 def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
-    """Model (with the checkpoint applied) and the resolved sampling settings of a generate/evaluate command."""
+    """Model, checkpoint (not yet applied) and the resolved sampling settings of a generate/evaluate command."""
+    from fdfo.config import ModelConfig
+
     ckpt = resolve_checkpoint(args.adapter) if args.adapter else None
     settings = sampling_defaults(args.model, ckpt.run_config if ckpt else None)
     for key in ("steps", "guidance", "negative_prompt", "resolution", "max_sequence_length"):
@@ -229,9 +224,10 @@ def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
     if settings["model"] is None:
         raise FileNotFoundError("no --model given and the checkpoint carries no run config naming one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(settings["model"], device=device, dtype=args.dtype, shift=settings["shift"],
-                       max_sequence_length=settings["max_sequence_length"], resolution=settings["resolution"],
-                       cache_dir=settings["cache_dir"])
+    model_cfg = ModelConfig(path=settings["model"], revision=settings["revision"], dtype=args.dtype,
+                            max_sequence_length=settings["max_sequence_length"], resolution=settings["resolution"],
+                            cache_dir=settings["cache_dir"])
+    model = load_flow_model(model_cfg, device, shift=settings["shift"])
     return model, ckpt, settings
 
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fdfo import tasks
+
 
 def load_prompts(spec: str) -> list[str]:
-    """Prompts from ``builtin:digits`` or a UTF-8 text file (one per line; blank lines and #-comments skipped)."""
-    if spec == "builtin:digits":
-        from fdfo.digits import DIGIT_PROMPTS
-
-        return list(DIGIT_PROMPTS)
-    if spec.startswith("builtin:"):
-        raise FileNotFoundError(f"unknown built-in prompt set '{spec}'; valid: builtin:digits")
+    """Prompts of a built-in task (``builtin:digits``) or of a UTF-8 text file (one per line;
+    blank lines and #-comments skipped)."""
+    if tasks.is_builtin(spec):
+        return tasks.prompts(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file '{spec}' does not exist; give a text file with one prompt per line "
-                                "(data.prompts) or builtin:digits")
+                                f"(data.prompts) or one of {', '.join(tasks.names())}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -51,7 +51,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digit_reward_dir(tmp_path_factory):
     """Digit classifier + judge, trained briefly (enough to score real digits sensibly)."""
-    from fdfo.digits import build_reward_models
+    from fdfo.tasks.digits.reward_models import build_reward_models
 
     out = tmp_path_factory.mktemp("digit_rewards")
     build_reward_models(out, seed=0, progress=False, classifier_steps=150)

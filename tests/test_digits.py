@@ -8,11 +8,11 @@ import secrets
 import pytest
 import torch
 
-from fdfo.digits import (
-    DIGIT_PROMPTS, DIGIT_WORDS, DigitClassifier, DigitData, DigitJudge, accuracy, build_reward_models,
-    digit_prompt, load_digits, load_module, parse_digit, save_module, train_classifier, train_judge,
+from fdfo.tasks.digits.data import DIGIT_PROMPTS, DIGIT_WORDS, DigitData, digit_prompt, load_digits, parse_digit
+from fdfo.tasks.digits.reward_models import (
+    DigitClassifier, DigitJudge, accuracy, build_reward_models, load_module, save_module, train_classifier, train_judge,
 )
-from fdfo.rewards.digits import DigitJudgeAccuracy, DigitProbabilityReward
+from fdfo.tasks.digits.rewards import DigitJudgeAccuracy, DigitProbabilityReward
 
 QUICK_STEPS = 250  # enough for ~95% test accuracy in a few seconds
 
@@ -169,3 +169,41 @@ def test_missing_reward_models_raise(tmp_path) -> None:
         with pytest.raises(FileNotFoundError, match="build_reward_models") as err:
             cls(tmp_path / "nowhere")
         assert "nowhere" in str(err.value)
+
+
+@pytest.mark.parametrize("cls", [DigitProbabilityReward, DigitJudgeAccuracy])
+def test_rewards_score_in_batches_of_batch_size(model_dir, data: DigitData, rng: torch.Generator, cls) -> None:
+    reward = cls(model_dir, batch_size=3)
+    seen = []
+    reward.model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    images, labels = _sample(data, rng, 10)
+    prompts = [digit_prompt(int(k)) for k in labels]
+    scores = reward(prompts, images)
+    assert seen == [3, 3, 3, 1]
+    torch.testing.assert_close(scores, cls(model_dir, batch_size=256)(prompts, images), atol=1e-6, rtol=0)
+
+
+def test_broken_image_scores_nan_and_leaves_the_others(model_dir, data: DigitData) -> None:
+    images = data.test_images[:4].clone()
+    prompts = [digit_prompt(int(k)) for k in data.test_labels[:4]]
+    images[1, 0, 5, 5] = float("inf")  # clamping would have hidden it
+    images[2, 0, 0, 0] = float("nan")
+    for cls in (DigitProbabilityReward, DigitJudgeAccuracy):
+        reward = cls(model_dir)
+        scores = reward(prompts, images)
+        assert torch.isnan(scores[1:3]).all()
+        torch.testing.assert_close(scores[[0, 3]], reward(prompts, data.test_images[:4])[[0, 3]])
+
+
+def test_registry_builds_digit_rewards_from_a_path_or_the_task_cache(model_dir, tmp_path) -> None:
+    import shutil
+
+    from fdfo.rewards import build_reward
+    from fdfo.tasks.digits import REWARD_DIR_NAME
+
+    reward = build_reward("digit_judge_accuracy", str(model_dir), torch.device("cpu"), batch_size=2)
+    assert isinstance(reward, DigitJudgeAccuracy) and reward.batch_size == 2 and reward.path == model_dir
+    shutil.copytree(model_dir, tmp_path / REWARD_DIR_NAME)  # seed 0, as the task builds them: no retraining
+    for path in (None, "builtin"):
+        reward = build_reward("digit_probability", path, torch.device("cpu"), str(tmp_path))
+        assert isinstance(reward, DigitProbabilityReward) and reward.path == tmp_path / REWARD_DIR_NAME

@@ -177,16 +177,17 @@ def test_evaluate_on_two_ranks_matches_one_process(single_process_results, run_d
 
 def test_builtin_digits_model_generate_and_evaluate(tmp_path, digit_reward_dir):
     """`--model builtin:digits` end to end: the cached built-in base (here an untrained one, put where
-    fdfo.pretrain caches it, so no minutes of pretraining) and the built-in digit metrics."""
+    the digits task caches it, so no minutes of pretraining) and the built-in digit metrics."""
     import shutil
 
     from PIL import Image
 
-    from fdfo import evaluate, generate
-    from fdfo.models import SD3FlowModel, cache_root
-    from fdfo.pretrain import BASE_DIR_NAME, REWARD_DIR_NAME, digits_pipeline
+    from fdfo import evaluate, generate, tasks
+    from fdfo.models import SD3FlowModel
+    from fdfo.tasks.digits import BASE_DIR_NAME, REWARD_DIR_NAME
+    from fdfo.tasks.digits.pretrain import digits_pipeline
 
-    root = cache_root()
+    root = tasks.cache_root()
     digits_pipeline(seed=0).save_pretrained(root / BASE_DIR_NAME)
     shutil.copytree(digit_reward_dir, root / REWARD_DIR_NAME)
     model = SD3FlowModel(str(root / BASE_DIR_NAME), device=torch.device("cpu"), dtype=torch.float32,

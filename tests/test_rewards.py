@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fdfo.rewards import (PRESETS, REGISTRY, RewardUnavailable, build_reward, build_weighted_reward,
-                          preset_weights)
+                          preset_weights, reward_factories)
 
 CPU = torch.device("cpu")
 PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a photo of a cat", "two birds on a wire"]
@@ -107,17 +107,32 @@ def test_presets_and_registry():
     assert preset_weights("pickscore") == {"pickscore": 1.0}
     assert preset_weights("vlm_alignment") == {"vlm_alignment": 1.0}
     assert set(PRESETS) == {"pickscore", "vlm_alignment", "combined"}
-    for name in ("pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "digit_probability",
-                 "digit_judge_accuracy"):
-        assert name in REGISTRY
+    assert set(REGISTRY) == {"pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2"}
+    # The built-in tasks' rewards come from their task, not from this registry.
+    assert set(reward_factories()) == set(REGISTRY) | {"digit_probability", "digit_judge_accuracy"}
     with pytest.raises(ValueError, match="available presets"):
         preset_weights("aesthetic")
-    with pytest.raises(ValueError, match="available rewards"):
+    with pytest.raises(ValueError, match="available rewards: clip_score, clip_score_h14, digit_judge_accuracy"):
         build_reward("aesthetic", None, CPU)
     # Default config weights are the published 'combined' preset.
     from fdfo.config import RewardConfig
 
     assert RewardConfig().weights == preset_weights("combined")
+
+
+def test_options_are_checked_and_honoured(clip_dir):
+    reward = build_reward("clip_score", str(clip_dir), CPU, batch_size=3, dtype="float64")
+    assert reward.batch_size == 3 and reward.dtype == torch.float64
+    assert build_reward("clip_score", str(clip_dir), CPU).batch_size == 16  # the reward's own default
+    with pytest.raises(ValueError, match="reward 'clip_score' takes no option 'batch_sise'; its options: "
+                                         "batch_size, dtype"):
+        build_reward("clip_score", str(clip_dir), CPU, batch_sise=3)
+    with pytest.raises(ValueError, match="takes no option 'device'"):  # the device is an argument
+        build_weighted_reward({"clip_score": 1.0}, {"clip_score": str(clip_dir)}, CPU,
+                              options={"clip_score": {"device": "cpu"}})
+    with pytest.raises(ValueError, match="reward 'digit_probability' takes no option 'dtype'; its options: "
+                                         "batch_size"):
+        build_reward("digit_probability", "unused", CPU, dtype="float32")
 
 
 def test_vlm_yes_no_reward_shape_range_batch_invariance(qwen_dir):

@@ -2,8 +2,8 @@
 
 Images are float tensors [B, C, H, W] in [0, 1]. The training reward is a
 weighted sum of named rewards (``reward.weights``), each loaded from
-``reward.paths[name]`` (a local directory or a hub id; ``builtin`` for the
-digits task's own models; absent = the published weights).
+``reward.paths[name]`` (a local directory or a hub id; absent = the published
+weights, or for a built-in task's reward its own models, also named ``builtin``).
 
     name                  what                                               range
     pickscore             PickScore (CLIP-H/14, Pick-a-Pic)                  ±100, ~18-23
@@ -21,7 +21,6 @@ Published presets (ALGORITHM.md §2): ``pickscore``, ``vlm_alignment`` and
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -47,61 +46,61 @@ def preset_weights(name: str) -> dict[str, float]:
     return dict(PRESETS[name])
 
 
-def _digits_dir(path: str | None, cache_dir: str | None) -> Path:
-    if path in (None, "builtin"):
-        from fdfo.models import cache_root
-        from fdfo.pretrain import ensure_digits_rewards
-
-        return ensure_digits_rewards(cache_root(cache_dir))
-    return Path(path)
-
-
-def _digit_probability(path, cache_dir, device, **options):
-    from fdfo.rewards.digits import DigitProbabilityReward
-
-    return DigitProbabilityReward(_digits_dir(path, cache_dir)).to(device)
-
-
-def _digit_judge(path, cache_dir, device, **options):
-    from fdfo.rewards.digits import DigitJudgeAccuracy
-
-    return DigitJudgeAccuracy(_digits_dir(path, cache_dir)).to(device)
-
-
 def _pretrained(module: str, cls: str) -> Callable:
-    """Factory of a pretrained reward: options are batch_size, dtype and device (a separate reward device)."""
+    """Factory of a pretrained reward: its options are ``batch_size`` and ``dtype``."""
 
-    def factory(path, cache_dir, device, **options):
+    def factory(path: str | None, cache_dir: str | None, device, *, batch_size: int | None = None,
+                dtype: torch.dtype | str | None = None):
         import importlib
 
-        options.setdefault("device", device)
-        return getattr(importlib.import_module(module), cls)(path, **options)
+        options = {k: v for k, v in (("batch_size", batch_size), ("dtype", dtype)) if v is not None}
+        return getattr(importlib.import_module(module), cls)(path, device=device, **options)
 
     return factory
 
 
-# name -> factory(path or None, cache_dir, device, **options) -> Reward
+# name -> factory(path or None, cache_dir, device, **options) -> Reward. The built-in tasks'
+# rewards (digit_probability, ...) come from their task (fdfo.tasks), loaded when first asked for.
 REGISTRY: dict[str, Callable] = {
     "pickscore": _pretrained("fdfo.rewards.pickscore", "PickScore"),
     "vlm_alignment": _pretrained("fdfo.rewards.vlm", "VLMYesNoReward"),
     "clip_score": _pretrained("fdfo.rewards.clip_score", "ClipScore"),
     "clip_score_h14": _pretrained("fdfo.rewards.clip_score", "ClipScoreH14"),
     "hpsv2": _pretrained("fdfo.rewards.clip_score", "HPSv2"),
-    "digit_probability": _digit_probability,
-    "digit_judge_accuracy": _digit_judge,
 }
 
 
-def build_reward(name: str, path: str | None, device: torch.device, cache_dir: str | None = None,
+def reward_factories() -> dict[str, Callable]:
+    """Every reward name -> its factory: the registry's and the built-in tasks'."""
+    from fdfo import tasks
+
+    return {**tasks.reward_factories(), **REGISTRY}
+
+
+def _option_names(factory: Callable) -> set[str] | None:
+    """The keyword options a factory takes (None: any, for a factory that takes **options)."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def build_reward(name: str, path: str | None, device: torch.device | str, /, cache_dir: str | None = None,
                  **options) -> Reward:
-    """Load reward ``name``; options (batch_size, dtype, device, ...) go to its factory."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown reward '{name}'; available rewards: {', '.join(sorted(REGISTRY))}")
-    factory = REGISTRY[name]
-    if options:
-        params = inspect.signature(factory).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError(f"reward '{name}' takes no options (got {sorted(options)})")
+    """Load reward ``name`` onto ``device``; options (batch_size, dtype) go to its factory.
+
+    ``path`` is where its weights are (None: the default ones); an option the reward does not
+    take is an error that names it and lists the ones it takes.
+    """
+    factories = reward_factories()
+    if name not in factories:
+        raise ValueError(f"unknown reward '{name}'; available rewards: {', '.join(sorted(factories))}")
+    factory = factories[name]
+    valid = _option_names(factory)
+    unknown = sorted(set(options) - valid) if valid is not None else []
+    if unknown:
+        raise ValueError(f"reward '{name}' takes no option '{unknown[0]}'; its options: "
+                         f"{', '.join(sorted(valid)) or 'none'}")
     return factory(path, cache_dir, device, **options)
 
 
@@ -127,11 +126,11 @@ class WeightedReward:
 def build_weighted_reward(weights: dict[str, float], paths: dict[str, str], device: torch.device,
                           cache_dir: str | None = None,
                           options: dict[str, dict] | None = None) -> WeightedReward:
-    """options: reward name -> keyword options of its factory (e.g. {"vlm_alignment": {"device": "cuda:1"}})."""
+    """options: reward name -> keyword options of its factory (e.g. {"vlm_alignment": {"batch_size": 2}})."""
     options = options or {}
     return WeightedReward({name: (w, build_reward(name, paths.get(name), device, cache_dir, **options.get(name, {})))
                            for name, w in weights.items()})
 
 
 __all__ = ["PRESETS", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward", "build_reward",
-           "build_weighted_reward", "preset_weights", "report_nonfinite"]
+           "build_weighted_reward", "preset_weights", "report_nonfinite", "reward_factories"]

