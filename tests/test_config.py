@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fdfo.config import ConfigError, RunConfig, build_config, epoch_layout, load_yaml, parse_overrides
-from fdfo.presets import DIGITS
+from fdfo.tasks.digits import PRESET as DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,9 +76,23 @@ def test_yaml_errors(tmp_path):
         load_yaml(bad)
 
 
-def test_shipped_configs_load_and_digits_yaml_mirrors_the_preset():
+def test_shipped_configs_load_and_builtin_digits_is_the_preset():
+    from fdfo import tasks
+
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
         build_config(load_yaml(path))
-    assert build_config(load_yaml(ROOT / "configs" / "digits.yaml")) == build_config(DIGITS)
+    preset = tasks.preset("builtin:digits")
+    assert preset == DIGITS and preset is not DIGITS
+    preset["train"]["epochs"] = 1  # a copy: changing it leaves the task's default job alone
+    assert DIGITS["train"]["epochs"] == 60
+    cfg = build_config(tasks.preset("builtin:digits"))
+    assert cfg == build_config(DIGITS)
+    # The default job the README describes.
+    assert cfg.model.path == cfg.data.prompts == "builtin:digits" and cfg.model.resolution == 16
+    assert (cfg.train.epochs, cfg.train.pairs_per_epoch, cfg.sampling.steps, cfg.lora.rank) == (60, 64, 10, 16)
+    assert cfg.train.learning_rate == 1e-3 and cfg.sampling.churn_weight == 0.02
+    assert cfg.reward.weights == {"digit_probability": 1.0} and cfg.eval.every == 5 and cfg.eval.num_images == 200
+    with pytest.raises(FileNotFoundError, match="unknown built-in 'builtin:mnist'; valid: builtin:digits"):
+        tasks.preset("builtin:mnist")
