@@ -9,7 +9,7 @@ Every prompt is sampled ``--repeats`` times (seeds ``--seed`` + 0, 1, ...) with
 the deterministic Euler sampler, once by the base model and once by the base
 plus checkpoint, from the same latents: the comparison is paired.
 
-Metrics: any registered reward (``fdfo.rewards.REGISTRY``: PickScore, the VLM
+Metrics: any reward that ``fdfo.rewards.build_reward`` knows (PickScore, the VLM
 yes/no score, CLIP score with ViT-L/14 and ViT-H/14, HPSv2 where its weights
 are given, the digits task's metrics), averaged over all images, and
 ``diversity``: for each prompt the mean pairwise (1 − cosine) of the CLIP
@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from fdfo import atomic
+from fdfo import atomic, distributed
 from fdfo.generate import (Checkpoint, apply_checkpoint, generate_images, image_grid, resolve_checkpoint, setup,
                            to_pil)
 from fdfo.rewards import RewardUnavailable, build_reward, report_nonfinite
@@ -51,47 +49,26 @@ DIVERSITY_NOTE = ("mean pairwise (1 - cosine) of CLIP image embeddings across th
                   "over prompts (a DreamSim-style diversity computed with CLIP, not DreamSim)")
 
 
-# --------------------------------------------------------------------------- ranks
-
-
-def init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call created the group): joins a torchrun/deepspeed launch."""
-    created = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), created
-    return 0, 1, created
-
-
-def all_reduce_(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum over ranks (identity in a single process); returns a CPU tensor."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.to(device)
-        dist.all_reduce(t)
-    return t.cpu()
-
-
 # --------------------------------------------------------------------------- metrics
 
 
 def build_metrics(names: list[str], paths: dict[str, str], device: torch.device, *, batch_size: int,
                   cache_dir: str | None = None, reward_device: str | None = None) -> tuple[dict, dict]:
-    """Metric name -> scorer (rewards) or CLIP embedder (diversity); and name -> note for the unavailable."""
+    """Metric name -> scorer (rewards) or CLIP embedder (diversity); and name -> note for the unavailable.
+
+    The models run on ``reward_device`` when given, else on ``device`` (the generator's).
+    """
     from fdfo.rewards.clip_score import ClipImageDiversity
 
     metrics, notes = {}, {}
-    options = {"batch_size": batch_size, **({"device": reward_device} if reward_device else {})}
+    device = torch.device(reward_device) if reward_device else device
     for name in names:
         try:
             if name == DIVERSITY:
-                metrics[name] = ClipImageDiversity(paths.get(name), **{"device": device, **options})
+                metrics[name] = ClipImageDiversity(paths.get(name), device=device, batch_size=batch_size)
                 notes[name] = DIVERSITY_NOTE
-            elif name.startswith("digit_"):
-                metrics[name] = build_reward(name, paths.get(name), device, cache_dir)
             else:
-                metrics[name] = build_reward(name, paths.get(name), device, cache_dir, **options)
+                metrics[name] = build_reward(name, paths.get(name), device, cache_dir, batch_size=batch_size)
         except RewardUnavailable as exc:
             notes[name] = "not available: " + str(exc).split("not available: ", 1)[-1]
     return metrics, notes
@@ -141,11 +118,12 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
                 report_scores[i, r] = scores[k]
     for i, embs in embeddings.items():
         diversity[i] = mean_pairwise_distance(torch.stack(embs))
-    # Every rank reduces the same tensors (a rank without prompts contributes zeros).
-    device = model.device
-    sums, counts, nonfinite = all_reduce_(sums, device), all_reduce_(counts, device), all_reduce_(nonfinite, device)
-    diversity = all_reduce_(diversity, device)
-    report_images, report_scores = all_reduce_(report_images, device), all_reduce_(report_scores, device)
+    # Every rank reduces the same tensors (a rank without prompts contributes zeros); the report
+    # images one prompt at a time, so that their float64 sum stays small.
+    sums, counts, nonfinite, diversity, report_scores = (
+        distributed.sum_over_ranks(t) for t in (sums, counts, nonfinite, diversity, report_scores))
+    for i in range(shown_p):
+        report_images[i] = distributed.sum_over_ranks(report_images[i]).to(torch.uint8)
     per_prompt = (sums / counts.clamp(min=1)).float().masked_fill(counts == 0, float("nan"))
     means = {name: float(sums[:, m].sum() / counts[:, m].sum().clamp(min=1)) if counts[:, m].sum() else float("nan")
              for m, name in enumerate(scorers)}
@@ -285,19 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     from fdfo.prompts import load_prompts
 
     args = parse_args(argv)
-    rank, world, created = init_distributed()
-    if args.device is None and torch.cuda.is_available():
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    created = not torch.distributed.is_initialized()
+    device = distributed.init(deepspeed=False)  # a process group only under a multi-rank launcher
+    if args.device is None and device.type == "cuda":
+        args.device = str(device)
     if args.device and args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
     try:
-        return _run(args, rank, world, load_prompts)
+        return _run(args, distributed.rank(), distributed.world_size(), load_prompts)
     except (FileNotFoundError, ValueError) as exc:
         print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if created:
-            dist.destroy_process_group()
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _run(args, rank: int, world: int, load_prompts) -> int:
@@ -318,18 +297,10 @@ def _run(args, rank: int, world: int, load_prompts) -> int:
             raise ValueError(f"--path '{spec}' must look like NAME=DIR")
         paths[name] = value
 
-    def prepare():
+    with distributed.rank0_first():  # built-in models and weights are created once, by rank 0
         model, ckpt, settings = setup(args)
         metrics, notes = build_metrics(names, paths, model.device, batch_size=args.reward_batch_size,
                                        cache_dir=settings["cache_dir"], reward_device=args.reward_device)
-        return model, ckpt, settings, metrics, notes
-
-    if rank == 0:  # built-in models and weights are created once, by rank 0
-        model, ckpt, settings, metrics, notes = prepare()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        model, ckpt, settings, metrics, notes = prepare()
     seeds = [args.seed + r for r in range(args.repeats)]
     kw = dict(rank=rank, world_size=world, batch_size=args.batch_size, report_prompts=args.report_prompts,
               report_repeats=args.report_repeats)

@@ -208,7 +208,7 @@ def test_builtin_digits_model_generate_and_evaluate(tmp_path, digit_reward_dir):
     out = tmp_path / "eval"
     assert evaluate.main(["--model", "builtin:digits", "--adapter", str(tmp_path / "adapter"), "--prompts",
                           "builtin:digits", "--metrics", "digit_probability", "digit_judge_accuracy",
-                          "--repeats", "1", "--out", str(out)]) == 0
+                          "--repeats", "1", "--reward-device", "cpu", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["prompts"] == 10 and res["steps"] == 10
     for entry in res["metrics"].values():
