@@ -100,32 +100,18 @@ class RunReport:
 
     def save_grid(self, images: torch.Tensor, rewards: torch.Tensor, prompts: list[str], path: Path,
                   pairs: int) -> Path | None:
-        """Pairs side by side (branch a | branch b), each labelled with its reward, one pair per row."""
-        if not self.enabled:
-            return None
-        from PIL import Image, ImageDraw
-
+        """Pairs side by side (branch a | branch b), each labelled with its reward, one pair per row;
+        the better branch of each pair is marked "best"."""
         pairs = min(pairs, images.shape[0] // 2)
-        imgs = images[: 2 * pairs].float().clamp(0, 1)
-        if imgs.shape[1] == 1:
-            imgs = imgs.repeat(1, 3, 1, 1)
-        h, w = imgs.shape[-2:]
-        scale = max(1, math.ceil(96 / max(h, w)))  # upscale tiny images so that they can be seen
-        cell_w, cell_h, label_h, text_w = w * scale, h * scale, 14, 220
-        canvas = Image.new("RGB", (text_w + 2 * cell_w + 12, pairs * (cell_h + label_h + 6) + 4), "white")
-        draw = ImageDraw.Draw(canvas)
-        for i in range(pairs):
-            y = 4 + i * (cell_h + label_h + 6)
-            draw.text((4, y + cell_h // 2), prompts[2 * i][:36], fill="black")
-            for b in range(2):
-                arr = (imgs[2 * i + b].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-                tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
-                x = text_w + b * (cell_w + 8)
-                canvas.paste(tile, (x, y))
-                r = float(rewards[2 * i + b])
-                best = r >= float(rewards[2 * i + 1 - b])
-                draw.text((x, y + cell_h + 1), f"R={r:.3f}", fill="green" if best else "gray")
-        canvas.save(path)
+        if not self.enabled or pairs < 1:
+            return None
+        from fdfo.generate import image_grid
+
+        r = [float(x) for x in rewards[: 2 * pairs]]
+        rows = [[images[2 * i], images[2 * i + 1]] for i in range(pairs)]
+        captions = [[f"R={r[2 * i + b]:.3f}" + (" best" if r[2 * i + b] >= r[2 * i + 1 - b] else "")
+                     for b in range(2)] for i in range(pairs)]
+        image_grid(rows, [prompts[2 * i] for i in range(pairs)], ["branch a", "branch b"], captions).save(path)
         return path
 
 

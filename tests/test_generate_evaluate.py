@@ -94,6 +94,26 @@ def test_generate_grid_files_and_reproducible_seeds(run_dir, tiny_pipeline_dir, 
     assert Image.open(base / "images" / "p0000_s5.png").tobytes() != a
 
 
+def test_training_sample_grid_is_the_generate_grid(tmp_path):
+    """The trainer's pair grid (RunReport.save_grid) is drawn by generate's image_grid: same pixels."""
+    from PIL import Image
+
+    from fdfo.generate import image_grid
+    from fdfo.report import RunReport
+
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rewards = torch.tensor([0.2, 0.7, 0.5, 0.5, 0.9, 0.1])
+    prompts = [p for p in DIGITS for _ in range(2)]
+    report = RunReport(tmp_path, build_config({}), enabled=True)
+    assert report.save_grid(images, rewards, prompts, tmp_path / "grid.png", pairs=8) == tmp_path / "grid.png"
+    expected = image_grid([[images[0], images[1]], [images[2], images[3]], [images[4], images[5]]], DIGITS,
+                          ["branch a", "branch b"], [["R=0.200", "R=0.700 best"], ["R=0.500 best", "R=0.500 best"],
+                                                     ["R=0.900 best", "R=0.100"]])
+    assert Image.open(tmp_path / "grid.png").tobytes() == expected.tobytes()
+    assert report.save_grid(images[:1], rewards[:1], prompts[:1], tmp_path / "none.png", pairs=8) is None
+    report.close()
+
+
 def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):
     from fdfo.generate import main
 
