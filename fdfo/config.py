@@ -155,7 +155,9 @@ class CheckpointConfig:
 class DeepSpeedConfig:
     # ZeRO stage; None = the stage named in `config`, else 0 (replicated, DDP-style).
     zero_stage: int | None = field(default=None, metadata=_choices(0, 1, 2, 3))
-    config: str | None = None  # a DeepSpeed JSON (configs/ds/*.json) merged in; batch sizes come from here
+    # A DeepSpeed JSON (configs/ds/*.json) merged in for ZeRO and offload settings. Batch sizes always come
+    # from the run config (train.micro_batch_rows and the epoch layout); a contradicting value there is an error.
+    config: str | None = None
     # ZeRO-3: sample from a persistent unpartitioned copy of the transformer (one more copy of its
     # weights per GPU; refreshed in place each epoch, so a CUDA graph over it is captured once per run).
     # false: gather the partitioned weights into the module for each sampling phase instead.
@@ -251,7 +253,10 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
 
 
 def _validate(cfg: RunConfig) -> None:
-    """Cross-field checks: positive sizes and a divisible epoch layout."""
+    """Cross-field checks: positive sizes, non-negative weights, a KL term only with LoRA.
+
+    The epoch layout (whether the batch sizes divide) depends on the number of ranks and
+    is checked when the trainer starts (``Algorithm.layout_for``)."""
     positive = {
         "train.epochs": cfg.train.epochs, "train.pairs_per_epoch": cfg.train.pairs_per_epoch,
         "train.optimizer_steps_per_epoch": cfg.train.optimizer_steps_per_epoch,
@@ -266,69 +271,17 @@ def _validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0")
+    kl = {"fdfo": ("train.kl_weight", cfg.train.kl_weight), "flow_grpo": ("grpo.kl_beta", cfg.grpo.kl_beta)}
+    kl_key, kl_value = kl[cfg.train.algorithm]
+    if kl_value > 0 and not cfg.lora.enabled:
+        raise ConfigError(f"config key '{kl_key}' is {kl_value}, but a KL term needs LoRA (the base model is the "
+                          f"model with its adapter disabled): set lora.enabled true or {kl_key} 0")
     if not cfg.reward.weights:
         raise ConfigError("config key 'reward.weights' is empty; name at least one reward, e.g. {pickscore: 1.0}")
     stray = sorted(set(cfg.reward.paths) - set(cfg.reward.weights) - set(cfg.eval.metrics))
     if stray:
         raise ConfigError(f"config key 'reward.paths' names {stray}, which is neither in reward.weights nor in "
                           f"eval.metrics ({', '.join(sorted(set(cfg.reward.weights) | set(cfg.eval.metrics)))})")
-
-
-def epoch_layout(cfg: RunConfig, world_size: int) -> dict:
-    """Pairs per rank and gradient-accumulation steps; raises ConfigError if they do not divide.
-
-    Every rank samples the same number of pairs (so that every rank runs the same
-    sequence of forwards and collectives), and each optimizer step averages the
-    gradients of ``elements_per_step`` (trajectory, timestep) elements.
-    """
-    t = cfg.train
-    if t.algorithm == "flow_grpo":
-        return _grpo_layout(cfg, world_size)
-    if t.pairs_per_epoch % world_size:
-        raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
-                          f"world size {world_size}")
-    pairs_per_rank = t.pairs_per_epoch // world_size
-    elements_per_rank = 2 * pairs_per_rank * cfg.sampling.steps
-    if elements_per_rank % t.optimizer_steps_per_epoch:
-        raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x sampling.steps ({cfg.sampling.steps}) "
-                          f"= {elements_per_rank} training elements must divide into "
-                          f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
-    per_step = elements_per_rank // t.optimizer_steps_per_epoch
-    if per_step % t.micro_batch_rows:
-        divisors = [m for m in range(1, min(per_step, 64) + 1) if per_step % m == 0]
-        raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
-                          f"of each optimizer step per rank; valid values up to 64: {divisors}")
-    return {
-        "optimizer_steps": t.optimizer_steps_per_epoch,
-        "pairs_per_rank": pairs_per_rank,
-        "elements_per_rank": elements_per_rank,
-        "elements_per_step": per_step,
-        "grad_accum": per_step // t.micro_batch_rows,
-    }
-
-
-def grpo_train_steps(cfg: RunConfig) -> int:
-    T = cfg.sampling.steps
-    n = cfg.grpo.train_steps if cfg.grpo.train_steps is not None else max(T - 1, 1)
-    if not 1 <= n <= T:
-        raise ConfigError(f"grpo.train_steps={n} must lie in 1..sampling.steps ({T})")
-    return n
-
-
-def _grpo_layout(cfg: RunConfig, world_size: int) -> dict:
-    g, mb = cfg.grpo, cfg.train.micro_batch_rows
-    if g.groups_per_epoch % world_size:
-        raise ConfigError(f"grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size {world_size}")
-    images = g.groups_per_epoch // world_size * g.group_size
-    elements = images * grpo_train_steps(cfg)
-    if elements % g.optimizer_steps_per_epoch or (elements // g.optimizer_steps_per_epoch) % mb:
-        raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x grpo.train_steps) must split "
-                          f"into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} steps of "
-                          f"train.micro_batch_rows={mb}")
-    per_step = elements // g.optimizer_steps_per_epoch
-    return {"images_per_rank": images, "groups_per_rank": g.groups_per_epoch // world_size,
-            "elements_per_rank": elements, "elements_per_step": per_step, "grad_accum": per_step // mb,
-            "optimizer_steps": g.optimizer_steps_per_epoch}
 
 
 # --------------------------------------------------------------------------- loading

@@ -14,9 +14,11 @@ can run without one (generate, evaluate) use them unchanged.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -43,9 +45,7 @@ def init(*, deepspeed: bool = True) -> torch.device:
     else:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if dist.is_initialized():
-        return device
-    if deepspeed:
+    if deepspeed:  # (DeepSpeed's init is a no-op on an existing group, but it wants these variables)
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -54,9 +54,24 @@ def init(*, deepspeed: bool = True) -> torch.device:
         import deepspeed as ds
 
         ds.init_distributed(dist_backend=backend, verbose=False)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type != "cuda":
+            atexit.register(_remove_shm_buffer, _shm_buffer_path())
+    elif not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend)
     return device
+
+
+def _shm_buffer_path() -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for this rank (its own naming scheme)."""
+    env = os.environ
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                               f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+
+
+def _remove_shm_buffer(path: Path) -> None:
+    """DeepSpeed never unlinks it: 67 MB of tmpfs per CPU process, until the machine restarts. At exit
+    every rank has long mapped the others' buffers, so removing the name takes nothing from them."""
+    path.unlink(missing_ok=True)
 
 
 def active() -> bool:

@@ -61,7 +61,7 @@ def velocity_flops(model, rows: int, guidance_scale: float = 1.0, uncond=None, *
     device = model.device
     x = torch.randn(rows, *model.latent_shape, generator=g).to(device)
     sigma = torch.rand(rows, generator=g).to(device)
-    model.offload_text_encoders(device)  # (a trainer may have parked them on the CPU after sampling)
+    model.move_text_encoders(device)  # (a trainer may have parked them on the CPU after sampling)
     with torch.no_grad():
         cond = model.encode(["a photo"]).expand(rows)
     params = model.trainable_parameters() if train else []

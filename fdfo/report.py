@@ -39,6 +39,20 @@ class RunReport:
                                   "pip install tensorboard") from exc
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
+    def resume(self, history: list[dict], epoch: int) -> None:
+        """Continue a run from a checkpoint of ``epoch``: its history, and metrics.jsonl without the
+        lines of later epochs (which the resumed run writes again), so the log has no duplicates."""
+        self.history = list(history)
+        if not self.enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        keep = [line for line in lines if line and json.loads(line).get("epoch", 0) <= epoch]
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write("".join(line + "\n" for line in keep))
+        self._file.flush()
+
     def log(self, kind: str, record: dict, step: int) -> None:
         record = {"kind": kind, **{k: _plain(v) for k, v in record.items()}}
         if kind in ("epoch", "eval"):

@@ -3,7 +3,7 @@
     python fdfo/train.py                                  # the built-in CPU default job (digits)
     python fdfo/train.py --config configs/sd35_medium.yaml --train.learning_rate 1e-5
     deepspeed fdfo/train.py --config configs/sd35_medium.yaml
-    python fdfo/train.py --config configs/digits.yaml --resume auto
+    python fdfo/train.py --config builtin:digits --resume auto  # a built-in task's default job, by name
 
 Any config key can be overridden as --section.key value.
 """
@@ -20,12 +20,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(here))
 
 
+DEFAULT_JOB = "builtin:digits"
+
+
 def parse_args(argv: list[str]):
     import argparse
 
     parser = argparse.ArgumentParser(prog="fdfo/train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (default: the built-in digits job)")
+    parser.add_argument("--config", default=DEFAULT_JOB,
+                        help=f"YAML run config, or a built-in task's default job (default: {DEFAULT_JOB})")
     parser.add_argument("--resume", nargs="?", const="auto",
                         help="checkpoint directory, or 'auto' (default when given bare) for the run's latest")
     parser.add_argument("--algorithm", choices=("fdfo", "flow_grpo"),
@@ -36,17 +40,17 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fdfo import tasks
     from fdfo.config import ConfigError, build_config, load_yaml, parse_overrides
-    from fdfo.presets import DIGITS
 
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        base = load_yaml(args.config) if args.config else DIGITS
+        base = tasks.preset(args.config) if tasks.is_builtin(args.config) else load_yaml(args.config)
         cli = parse_overrides(rest)
         if args.algorithm:
             cli.setdefault("train", {})["algorithm"] = args.algorithm
         cfg = build_config(base, cli)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"fdfo: config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -54,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    if not args.config:
-        print("[fdfo] no --config given: running the built-in default job (configs/digits.yaml)", flush=True)
+    if args.config == DEFAULT_JOB:
+        print(f"[fdfo] running the built-in default job ({DEFAULT_JOB}; --config FILE.yaml for your own)",
+              flush=True)
     from fdfo.trainer import Trainer
 
     try:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fdfo.config import ConfigError, RunConfig, build_config, epoch_layout, load_yaml, parse_overrides
+from fdfo import algorithms
+from fdfo.config import ConfigError, RunConfig, build_config, load_yaml, parse_overrides
 from fdfo.tasks.digits import PRESET as DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +59,33 @@ def test_bad_values_are_named(override, match):
 
 def test_epoch_layout_divisibility():
     cfg = build_config(DIGITS)
-    layout = epoch_layout(cfg, world_size=1)
-    assert layout["elements_per_rank"] == 2 * 64 * 10 and layout["grad_accum"] * 80 * 4 == 1280
+    fdfo = algorithms.get("fdfo")
+    layout = fdfo.layout_for(cfg, world_size=1)
+    assert layout.elements_per_rank == 2 * 64 * 10 and layout.grad_accum * 80 * 4 == 1280
+    assert fdfo.layout_for(cfg, world_size=2).elements_per_rank == 2 * 32 * 10
     bad = build_config(DIGITS, {"train": {"micro_batch_rows": 7}})
     with pytest.raises(ConfigError, match=r"micro_batch_rows=7 must divide the 320 elements.*valid values"):
-        epoch_layout(bad, 1)
+        fdfo.layout_for(bad, 1)
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
-        epoch_layout(cfg, 3)
+        fdfo.layout_for(cfg, 3)
+    grpo = build_config(DIGITS, {"train": {"algorithm": "flow_grpo", "micro_batch_rows": 6},
+                                 "grpo": {"groups_per_epoch": 4, "group_size": 6, "optimizer_steps_per_epoch": 2}})
+    # Per rank of 2: 2 groups x 6 images = 12 rows; x 9 trained steps (all but the last of 10) = 108
+    # elements, in 2 optimizer steps of 54 = 9 micro-batches of 6.
+    layout = algorithms.get("flow_grpo").layout_for(grpo, world_size=2)
+    assert (layout.rows_per_rank, layout.elements_per_rank, layout.elements_per_step, layout.grad_accum) == \
+        (12, 108, 54, 9)
+    grpo.train.micro_batch_rows = 12
+    with pytest.raises(ConfigError, match="108 Flow-GRPO training elements"):
+        algorithms.get("flow_grpo").layout_for(grpo, world_size=2)
+
+
+def test_kl_term_without_lora_is_a_startup_error():
+    with pytest.raises(ConfigError, match="train.kl_weight.*needs LoRA"):
+        build_config(DIGITS, {"lora": {"enabled": False}, "train": {"kl_weight": 0.1}})
+    with pytest.raises(ConfigError, match="grpo.kl_beta.*needs LoRA"):
+        build_config(DIGITS, {"lora": {"enabled": False}, "train": {"algorithm": "flow_grpo"}})
+    build_config(DIGITS, {"lora": {"enabled": False}, "train": {"algorithm": "flow_grpo"}, "grpo": {"kl_beta": 0.0}})
 
 
 def test_yaml_errors(tmp_path):

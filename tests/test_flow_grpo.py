@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fdfo.flow_grpo import (gaussian_logp, group_advantages, grpo_loss, sample_sde, sde_coefficients, sde_mean)
+from fdfo.algorithms.flow_grpo import (gaussian_logp, group_advantages, grpo_loss, sample_sde, sde_coefficients, sde_mean)
 
 
 def test_sde_coefficients_follow_the_published_formulas():
@@ -26,7 +26,7 @@ def test_step_logp_equals_closed_form_gaussian():
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
                                                                                    dtype=torch.float64)
-    mean = sde_mean(x, v, 0.7, 0.55, 0.7)
+    mean = sde_mean(x, v, *sde_coefficients(0.7, 0.55, 0.7)[:2])
     std = sde_coefficients(0.7, 0.55, 0.7)[2]
     x_next = mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float64)
     dist = torch.distributions.Normal(mean, std)
@@ -45,7 +45,7 @@ def test_sampler_logps_are_those_of_the_stored_steps():
     assert traj.xs.shape == (4, 4, 1, 3, 3) and traj.logps.shape == (4, 3)
     for k in range(3):
         s0, s1 = float(sigmas[k]), float(sigmas[k + 1])
-        mean = sde_mean(traj.xs[:, k], velocity(traj.xs[:, k], sigmas[k].expand(4)), s0, s1, 0.7)
+        mean = sde_mean(traj.xs[:, k], velocity(traj.xs[:, k], sigmas[k].expand(4)), *sde_coefficients(s0, s1, 0.7)[:2])
         std = sde_coefficients(s0, s1, 0.7)[2]
         torch.testing.assert_close(traj.logps[:, k], gaussian_logp(traj.xs[:, k + 1], mean, std))
 
@@ -73,3 +73,17 @@ def test_group_advantages():
     R = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
     adv = group_advantages(R, group_size=3, global_std=2.0, clip=5.0)
     torch.testing.assert_close(adv, torch.tensor([-0.5, 0.0, 0.5, -5.0, -5.0, 5.0]))
+
+
+def test_per_row_mean_equals_per_step_mean():
+    """The training loss's per-row SDE mean (one step per element) equals each step's scalar mean."""
+    g = torch.Generator().manual_seed(3)
+    sig = [1.0, 0.8, 0.5, 0.2, 0.0]
+    k = torch.tensor([0, 2, 1, 3, 2])
+    x, v = torch.randn(5, 2, 3, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g)
+    coef = torch.tensor([sde_coefficients(sig[i], sig[i + 1], 0.7) for i in range(4)])
+    x_w, v_w, _, _ = coef[k].T
+    got = sde_mean(x, v, x_w, v_w)
+    for row, step in enumerate(k.tolist()):
+        c = sde_coefficients(sig[step], sig[step + 1], 0.7)
+        torch.testing.assert_close(got[row], x[row] * c[0] + v[row] * c[1])

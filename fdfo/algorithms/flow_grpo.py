@@ -1,4 +1,4 @@
-"""Flow-GRPO, the per-step policy-gradient baseline (ALGORITHM.md §6), in the same trainer.
+"""Flow-GRPO, the per-step policy-gradient baseline (ALGORITHM.md §6), as an algorithm of the trainer.
 
 The deterministic flow sampler becomes a reverse SDE with noise level ``a``;
 each denoising step is a Gaussian policy action with a closed-form
@@ -8,6 +8,9 @@ trajectories whose reward beats their group's mean:
     σ_t  = a·sqrt(σ/(1 − σ))          (at σ = 1 the next grid value is used)
     mean = x·(1 + σ_t²·dt/(2σ)) + v·(1 + σ_t²(1 − σ)/(2σ))·dt,   dt = s − σ < 0
     x'   = mean + σ_t·sqrt(−dt)·ε
+
+An epoch samples groups of G independent SDE trajectories per prompt; its training
+elements are the (row, step) pairs of the first ``grpo.train_steps`` steps.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from fdfo import distributed
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, rows_of
+from fdfo.config import ConfigError
+from fdfo.models import Conditioning
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -30,9 +39,12 @@ def sde_coefficients(sigma: float, s: float, noise_level: float) -> tuple[float,
     return x_w, v_w, sigma_t * math.sqrt(-dt), sigma_t
 
 
-def sde_mean(x: torch.Tensor, v: torch.Tensor, sigma: float, s: float, noise_level: float) -> torch.Tensor:
-    x_w, v_w, _, _ = sde_coefficients(sigma, s, noise_level)
-    return x * x_w + v * v_w
+def sde_mean(x: torch.Tensor, v: torch.Tensor, x_weight, v_weight) -> torch.Tensor:
+    """The SDE step's mean x·x_w + v·v_w; the weights are floats or per-row tensors [B]."""
+    if isinstance(x_weight, torch.Tensor):
+        shape = (-1, *([1] * (x.ndim - 1)))
+        x_weight, v_weight = x_weight.view(shape), v_weight.view(shape)
+    return x * x_weight + v * v_weight
 
 
 def gaussian_logp(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
@@ -61,8 +73,8 @@ def sample_sde(velocity, latents: torch.Tensor, sigmas: torch.Tensor, noise_leve
     for k in range(T):
         xs[:, k] = x
         v = velocity(x, torch.full((B,), sig[k], device=x.device)).to(x.dtype)
-        mean = sde_mean(x, v, sig[k], sig[k + 1], noise_level)
-        std = sde_coefficients(sig[k], sig[k + 1], noise_level)[2]
+        x_w, v_w, std, _ = sde_coefficients(sig[k], sig[k + 1], noise_level)
+        mean = sde_mean(x, v, x_w, v_w)
         x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         logps[:, k] = gaussian_logp(x, mean, std)
     xs[:, T] = x
@@ -87,3 +99,86 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
         metrics = {"policy_loss": loss.detach(), "clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
                    "ratio": ratio.mean()}
     return loss, metrics
+
+
+def train_steps(cfg) -> int:
+    """Leading SDE steps trained per trajectory (grpo.train_steps; default all but the last)."""
+    T = cfg.sampling.steps
+    n = cfg.grpo.train_steps if cfg.grpo.train_steps is not None else max(T - 1, 1)
+    if not 1 <= n <= T:
+        raise ConfigError(f"grpo.train_steps={n} must lie in 1..sampling.steps ({T})")
+    return n
+
+
+class FlowGRPO(Algorithm):
+
+    @classmethod
+    def layout_for(cls, cfg, world_size: int) -> Layout:
+        g, mb = cfg.grpo, cfg.train.micro_batch_rows
+        if g.groups_per_epoch % world_size:
+            raise ConfigError(f"grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size "
+                              f"{world_size}")
+        images = g.groups_per_epoch // world_size * g.group_size
+        elements = images * train_steps(cfg)
+        if elements % g.optimizer_steps_per_epoch or (elements // g.optimizer_steps_per_epoch) % mb:
+            raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x grpo.train_steps) must "
+                              f"split into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} steps of "
+                              f"train.micro_batch_rows={mb}")
+        return Layout(rows_per_rank=images, elements_per_rank=elements, optimizer_steps=g.optimizer_steps_per_epoch,
+                      micro_batch_rows=mb)
+
+    def sample(self, epoch: int) -> Batch:
+        """Groups of G independent SDE trajectories per prompt, with per-step log-probabilities."""
+        cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
+        rows = self.layout.rows_per_rank
+        groups = rows // G
+        # The epoch's prompts are drawn for all ranks at once and each rank takes its groups: the same
+        # prompts, in the same groups, on any number of ranks.
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, 0, 2))
+        everyone = torch.randint(len(self.prompts), (groups * distributed.world_size(),), generator=gen)
+        prompts = [self.prompts[i] for i in everyone[distributed.rank() * groups:][:groups].tolist()]
+        mb = 2 * cfg.sampling.micro_batch_pairs
+        xs, logps = [], []
+        with pol.sampling():
+            cond = pol.encode(prompts)  # [groups, ...]
+            for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
+                          disable=not cfg.log.progress or distributed.rank() != 0, leave=False):
+                r = torch.arange(b.start, b.start + b.size)
+                latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
+                traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, cfg.grpo.noise_level,
+                                  b.gen_dev)
+                xs.append(traj.xs), logps.append(traj.logps)
+        xs = torch.cat(xs)  # [rows, T + 1, C, H, W]
+        return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1]),
+                     data=dict(cond=cond, xs=xs, logps=torch.cat(logps)))
+
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float):
+        """Element e = (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row."""
+        cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
+        K = train_steps(cfg)
+        adv = group_advantages(rewards, G, reward_std, cfg.grpo.adv_clip)
+        cond = batch.data["cond"]
+        xs, logps, adv, embeds, pooled = rows_of(batch.data["xs"], batch.data["logps"], adv, cond.embeds,
+                                                 cond.pooled)
+        cond = Conditioning(embeds, pooled)  # [groups over all ranks, ...]
+        sig = [float(v) for v in pol.sigmas]
+        coef = torch.tensor([sde_coefficients(sig[k], sig[k + 1], cfg.grpo.noise_level) for k in range(len(sig) - 1)],
+                            device=pol.device)  # [T, 4]: x weight, v weight, step std, σ_t
+        sigmas = pol.sigmas.to(pol.device)
+
+        def micro_loss(idx: torch.Tensor):
+            rows, k = idx // K, idx % K
+            x, x_next, c = xs[rows, k], xs[rows, k + 1], cond[rows // G]
+            x_w, v_w, std, sigma_t = coef[k].T  # each [mb]
+            v = pol.train_velocity(x, sigmas[k], c)
+            mean = sde_mean(x.float(), v, x_w, v_w)
+            loss, metrics = grpo_loss(gaussian_logp(x_next, mean, std), logps[rows, k], adv[rows],
+                                      cfg.grpo.clip_range)
+            if cfg.grpo.kl_beta > 0:
+                mean_ref = sde_mean(x.float(), pol.base_velocity(x, sigmas[k], c), x_w, v_w)
+                kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * sigma_t ** 2)).mean()
+                loss = loss + cfg.grpo.kl_beta * kl
+                metrics["kl"] = kl.detach()
+            return loss, metrics
+
+        return micro_loss

@@ -3,7 +3,8 @@
 Every component is loaded with ``from_pretrained`` from a hub id or a local
 diffusers directory (the same code loads SD3.5 Medium and the tiny test and
 default-job pipelines). A pipeline without a VAE (``vae: [null, null]`` in
-model_index.json) works in pixel space: decoding is the identity map.
+model_index.json) works in pixel space: decoding maps the model's [-1, 1] range
+to images in [0, 1] (x/2 + 1/2, clamped).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class SD3FlowModel:
     def frozen_modules(self) -> list[nn.Module]:
         return self.text_encoders() + ([self.pipe.vae] if self.pipe.vae is not None else [])
 
-    def offload_text_encoders(self, device: torch.device | str) -> None:
+    def move_text_encoders(self, device: torch.device | str) -> None:
+        """Put the text encoders on ``device`` (the GPU to encode, the CPU to free memory while training)."""
         for module in self.text_encoders():
             module.to(device)
 
@@ -206,10 +208,10 @@ class SD3FlowModel:
         """The adapter's peft config (rank, alpha, targets): without it a loader would assume alpha = rank."""
         return self.transformer.peft_config["default"].to_dict()
 
-    def save_lora(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_lora(self, directory: str | Path) -> None:
         """Writes pytorch_lora_weights.safetensors that StableDiffusion3Pipeline.load_lora_weights(dir) loads."""
         from diffusers import StableDiffusion3Pipeline
 
         StableDiffusion3Pipeline.save_lora_weights(
-            str(directory), transformer_lora_layers=state_dict if state_dict is not None else self.lora_state_dict(),
+            str(directory), transformer_lora_layers=self.lora_state_dict(),
             transformer_lora_adapter_metadata=self.lora_metadata())

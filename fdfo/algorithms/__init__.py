@@ -1,0 +1,24 @@
+"""RL algorithms behind one interface (``fdfo.algorithms.base``): ``train.algorithm`` names one.
+
+    fdfo       Finite Difference Flow Optimization (fdfo.algorithms.fdfo)
+    flow_grpo  the Flow-GRPO baseline (fdfo.algorithms.flow_grpo)
+
+A new algorithm is one file with an ``Algorithm`` subclass, registered below.
+"""
+
+from __future__ import annotations
+
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy
+from fdfo.algorithms.fdfo import FDFO
+from fdfo.algorithms.flow_grpo import FlowGRPO
+
+ALGORITHMS: dict[str, type[Algorithm]] = {"fdfo": FDFO, "flow_grpo": FlowGRPO}
+
+
+def get(name: str) -> type[Algorithm]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm '{name}'; valid: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "Batch", "Layout", "Policy", "get"]

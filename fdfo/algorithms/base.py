@@ -1,0 +1,180 @@
+"""The interface between the training loop and an RL algorithm, and what algorithms share.
+
+An algorithm (FDFO, Flow-GRPO) is an object the trainer drives once per epoch:
+
+    layout(cfg, world_size)   class method: the epoch's batch sizes, or a ConfigError at start-up
+    sample(epoch)             an epoch's batch: images and row prompts for the reward, plus
+                              whatever the algorithm keeps (trajectories, log-probabilities)
+    elements(batch, R, std)   rewards in, the epoch's training elements out: how many there are
+                              (over all ranks) and the micro-batch loss of any index set of them
+    summary                   the metric names the one-line epoch summary shows
+
+The trainer never names an algorithm: it rewards the batch, skips it if a reward is
+not finite, shuffles the elements globally and runs the optimizer steps.
+
+``Policy`` is what every algorithm needs from the model being trained: the σ grid,
+the velocity while sampling, while training and of the frozen base, text encoding,
+decoding, and per-micro-batch random generators seeded by the *global* micro-batch
+index, so that an epoch's samples do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator
+
+import torch
+
+from fdfo import distributed
+from fdfo.models import Conditioning
+
+# A micro-batch loss: global element indices [mb] (this rank's slice of the shuffle) -> (loss, metrics).
+MicroLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index, stream): stable across runs and resumes."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & ((1 << 64) - 1)
+    return h >> 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one epoch splits over ranks, optimizer steps and micro-batches."""
+
+    rows_per_rank: int  # images sampled (and rewarded) per rank
+    elements_per_rank: int  # training elements per rank
+    optimizer_steps: int
+    micro_batch_rows: int  # training elements per forward/backward
+
+    @property
+    def elements_per_step(self) -> int:
+        return self.elements_per_rank // self.optimizer_steps
+
+    @property
+    def grad_accum(self) -> int:
+        return self.elements_per_step // self.micro_batch_rows
+
+
+@dataclass
+class Batch:
+    """One rank's sampled batch: ``images`` [rows, C, H, W] in [0, 1] with their ``prompts`` (one per row)
+    for the reward, and the algorithm's own tensors in ``data``."""
+
+    prompts: list[str]
+    images: torch.Tensor
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class MicroBatch:
+    start: int  # first item of this rank's list
+    size: int
+    gen_cpu: torch.Generator  # seeded by (seed, epoch, global micro-batch index, 0)
+    gen_dev: torch.Generator  # the same index, stream 1, on the device
+
+
+class Policy:
+    """The model being trained, as the algorithms see it."""
+
+    def __init__(self, cfg, model, engine, device: torch.device):
+        self.cfg, self.model, self.engine, self.device = cfg, model, engine, device
+        self.seed = cfg.train.seed
+        self.kernels = cfg.train.kernels  # fdfo.kernels backend of every fused kernel call
+        self.sigmas = model.sigmas(cfg.sampling.steps)  # [T + 1], CPU
+        self.guidance = cfg.sampling.guidance_scale
+        self.uncond = model.encode([cfg.sampling.negative_prompt]) if self.guidance != 1.0 else None
+
+    # ------------------------------------------------------------------ velocities
+
+    def velocity_fn(self, cond: Conditioning, net=None) -> Callable:
+        """v(x, σ) for sampling (no gradient needed; CFG as configured)."""
+        return lambda x, t: self.model.velocity(x, t, cond, self.guidance, self.uncond, net=net)
+
+    def train_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The velocity through the training engine (its hooks run; the gradient flows to the weights)."""
+        return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=self.engine.module)
+
+    @torch.no_grad()
+    def base_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The frozen base model's velocity (LoRA adapter disabled), for KL terms; needs LoRA (config-checked)."""
+        # Under ZeRO-3 the persistent inference copy holds the frozen base exactly (synced once, never
+        # trained): with its adapter disabled it gives the base velocity without gathering any weight.
+        copy = self.model.inference_transformer
+        net = copy if copy is not None else self.model.transformer
+        net.disable_adapters()
+        try:
+            return self.model.velocity(x, sigma, cond, self.guidance, self.uncond, net=net)
+        finally:
+            net.enable_adapters()
+            if copy is not None:
+                copy.requires_grad_(False)  # (peft's enable_adapters marks the adapter trainable again)
+
+    # ------------------------------------------------------------------ sampling phase
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Text encoders on the device and the weights materialised for the many sampling forwards."""
+        self.model.move_text_encoders(self.device)
+        with self.engine.inference_weights():
+            yield
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        mb = self.cfg.sampling.micro_batch_pairs
+        return Conditioning.cat([self.model.encode(prompts[i:i + mb]) for i in range(0, len(prompts), mb)])
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        mb = 2 * self.cfg.sampling.micro_batch_pairs
+        return torch.cat([self.model.decode(x0[i:i + mb]) for i in range(0, x0.shape[0], mb)])
+
+    def micro_batches(self, epoch: int, n: int, size: int) -> list[MicroBatch]:
+        """This rank's n items in micro-batches, each with generators seeded by its *global* index.
+
+        Seeding by (seed, epoch, global micro-batch) rather than by rank makes the epoch's samples the
+        same on any number of ranks (when n is a multiple of size), so runs compare across world sizes.
+        """
+        per_rank = math.ceil(n / size)
+        out = []
+        for i in range(per_rank):
+            g = distributed.rank() * per_rank + i
+            gen_cpu = torch.Generator().manual_seed(derive_seed(self.seed, epoch, g, 0))
+            gen_dev = torch.Generator(self.device).manual_seed(derive_seed(self.seed, epoch, g, 1))
+            out.append(MicroBatch(i * size, min(size, n - i * size), gen_cpu, gen_dev))
+        return out
+
+
+class Algorithm(ABC):
+    """An RL algorithm the trainer drives (see the module docstring)."""
+
+    summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
+
+    def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
+        self.cfg, self.policy, self.prompts, self.layout = cfg, policy, prompts, layout
+
+    @classmethod
+    @abstractmethod
+    def layout_for(cls, cfg, world_size: int) -> Layout:
+        """The epoch's layout on ``world_size`` ranks; a ConfigError when the sizes do not divide."""
+
+    @abstractmethod
+    def sample(self, epoch: int) -> Batch:
+        """This rank's batch of the epoch, drawn from generators seeded by (seed, epoch, global index)."""
+
+    @abstractmethod
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float) -> MicroLoss:
+        """The micro-batch loss over the epoch's global list of training elements (rank-major:
+        this rank's elements are [rank·E, (rank + 1)·E)). Collective: every rank calls it."""
+
+    def throughput(self, rows: int, seconds: float) -> dict[str, float]:
+        """Extra throughput figures of an epoch of ``rows`` images (over all ranks)."""
+        return {}
+
+
+def rows_of(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each per-row tensor, in rank order (the global lists the elements index)."""
+    return [distributed.gather_rows(t) for t in tensors]

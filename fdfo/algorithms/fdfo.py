@@ -1,0 +1,109 @@
+"""FDFO (ALGORITHM.md §1-4): paired trajectories with churn, and the finite-difference velocity loss.
+
+    prompts ─► paired sampler (2 rows per pair, churn) ─► xs [2P, T], vs [2P, T], x0 [2P]
+    (x0, R) ─► pair_delta ─► d, dR, mean(d²) per row
+    element (row, step k) ─► v = velocity(xs[row, k], σ_k) ─► fd_loss(v, vs[row, k], d, dR)
+
+On CUDA the sampler runs as a captured CUDA graph (fused churn kernel, in-kernel
+Philox noise); elsewhere the eager sampler of fdfo.sampling runs the same maths.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from fdfo import distributed, kernels
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, rows_of
+from fdfo.config import ConfigError
+from fdfo.models import Conditioning
+from fdfo.sampling import churn_schedule, sample_pairs
+
+
+class FDFO(Algorithm):
+    summary = ("policy_loss", "clipfrac", "grad_norm", "pairs_per_s")
+
+    def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
+        super().__init__(cfg, policy, prompts, layout)
+        self.graph_sampler = None
+        if policy.device.type == "cuda":
+            from fdfo.graphs import GraphSampler
+
+            self.graph_sampler = GraphSampler.for_model(policy.model, guidance_scale=policy.guidance,
+                                                        uncond=policy.uncond, graphs=cfg.sampling.cuda_graphs,
+                                                        compile=cfg.sampling.compile, backend=policy.kernels,
+                                                        log=distributed.print0)
+
+    @classmethod
+    def layout_for(cls, cfg, world_size: int) -> Layout:
+        t = cfg.train
+        if t.pairs_per_epoch % world_size:
+            raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
+                              f"world size {world_size}")
+        pairs_per_rank = t.pairs_per_epoch // world_size
+        elements = 2 * pairs_per_rank * cfg.sampling.steps
+        if elements % t.optimizer_steps_per_epoch:
+            raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x sampling.steps ({cfg.sampling.steps}) "
+                              f"= {elements} training elements must divide into "
+                              f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
+        per_step = elements // t.optimizer_steps_per_epoch
+        if per_step % t.micro_batch_rows:
+            divisors = [m for m in range(1, min(per_step, 64) + 1) if per_step % m == 0]
+            raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
+                              f"of each optimizer step per rank; valid values up to 64: {divisors}")
+        return Layout(rows_per_rank=2 * pairs_per_rank, elements_per_rank=elements,
+                      optimizer_steps=t.optimizer_steps_per_epoch, micro_batch_rows=t.micro_batch_rows)
+
+    def sample(self, epoch: int) -> Batch:
+        """Paired trajectories for this rank's pairs of the epoch."""
+        cfg, pol, P = self.cfg.sampling, self.policy, self.layout.rows_per_rank // 2
+        batches = pol.micro_batches(epoch, P, cfg.micro_batch_pairs)
+        # Each micro-batch's CPU generator draws its prompts first, then its churn and graph seed below.
+        prompts = [self.prompts[j] for b in batches
+                   for j in torch.randint(len(self.prompts), (b.size,), generator=b.gen_cpu).tolist()]
+        xs, vs, x0 = [], [], []
+        with pol.sampling():
+            cond = pol.encode(prompts)  # [P, ...]
+            for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not self.cfg.log.progress
+                          or distributed.rank() != 0, leave=False):
+                latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
+                g_prior, g_steps = churn_schedule(cfg.churn_schedule, cfg.churn_weight, pol.sigmas, 2 * b.size,
+                                                  b.gen_cpu, cfg.churn_logit_mean, cfg.churn_logit_std)
+                rows_cond = cond[b.start:b.start + b.size].repeat_rows(2)
+                if self.graph_sampler is not None:
+                    seed = int(torch.randint(2**62, (), generator=b.gen_cpu))
+                    traj = self.graph_sampler.sample(latents, rows_cond, pol.sigmas, g_prior, g_steps, seed)
+                else:
+                    traj = sample_pairs(pol.velocity_fn(rows_cond), latents, pol.sigmas, g_prior, g_steps,
+                                        b.gen_dev)
+                xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
+        x0 = torch.cat(x0)  # [2P, C, H, W]
+        return Batch(prompts=[p for p in prompts for _ in range(2)], images=pol.decode(x0),
+                     data=dict(cond=cond, xs=torch.cat(xs), vs=torch.cat(vs), x0=x0))
+
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float):
+        """Element e = (row, step) of the global list -> the FD loss of a micro-batch of elements."""
+        cfg, pol, T = self.cfg, self.policy, self.cfg.sampling.steps
+        d, dR, ms = kernels.pair_delta(batch.data["x0"], rewards, backend=pol.kernels)
+        cond = batch.data["cond"]
+        xs, vs, d, dR, ms, embeds, pooled = rows_of(batch.data["xs"], batch.data["vs"], d, dR, ms, cond.embeds,
+                                                    cond.pooled)
+        cond = Conditioning(embeds, pooled)  # [pairs over all ranks, ...]
+        sigmas = pol.sigmas.to(pol.device)
+
+        def micro_loss(idx: torch.Tensor):
+            rows, k = idx // T, idx % T
+            x, v_ref, c = xs[rows, k], vs[rows, k], cond[rows // 2]  # [mb, C, H, W]
+            v = pol.train_velocity(x, sigmas[k], c)
+            loss, metrics = kernels.fd_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range, ms=ms[rows],
+                                            backend=pol.kernels)
+            if cfg.train.kl_weight > 0:
+                kl = (v - pol.base_velocity(x, sigmas[k], c)).pow(2).mean()
+                loss = loss + cfg.train.kl_weight * kl
+                metrics["kl"] = kl.detach()
+            return loss, metrics
+
+        return micro_loss
+
+    def throughput(self, rows: int, seconds: float) -> dict[str, float]:
+        return {"pairs_per_s": rows / 2 / seconds}
