@@ -161,7 +161,7 @@ class GraphSampler:
                 graph.replay()
             else:
                 self._step(buf)
-        return Trajectories(xs=buf.xs.clone(), vs=buf.vs.clone(), x0=buf.x.clone(), sigmas=sigmas)
+        return Trajectories(xs=buf.xs.clone(), vs=buf.vs.clone(), x0=buf.x.clone())
 
     @torch.no_grad()
     def prepare(self, latents: torch.Tensor, cond: Conditioning, sigmas: torch.Tensor) -> str:

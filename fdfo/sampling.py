@@ -98,7 +98,6 @@ class Trajectories:
     xs: torch.Tensor  # [2P, T, C, H, W] state entering each step
     vs: torch.Tensor  # [2P, T, C, H, W] velocity used at each step
     x0: torch.Tensor  # [2P, C, H, W] final state
-    sigmas: torch.Tensor  # [T + 1] σ grid, ending at 0
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,...], σ [B]) -> v
@@ -140,7 +139,7 @@ def sample_pairs(
         v = velocity(x, t)
         vs[:, k] = v
         x = churn_step(x, v.to(x.dtype), t, sig[k + 1].expand(rows), g_steps[k], noise())
-    return Trajectories(xs=xs, vs=vs, x0=x, sigmas=sigmas)
+    return Trajectories(xs=xs, vs=vs, x0=x)
 
 
 @torch.no_grad()

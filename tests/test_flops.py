@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fdfo.config import LoraConfig
-from fdfo.flops import count_flops, peak_bf16_tflops, velocity_flops
+from fdfo.flops import PEAK_BF16_TFLOPS, count_flops, peak_bf16_tflops, velocity_flops
 from fdfo.models.sd3 import SD3FlowModel
 
 
@@ -43,12 +43,19 @@ def test_training_flops_are_forward_plus_backward_and_leave_grads_alone(model):
         assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5),
-                                        ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200", 989.4),
-                                        ("NVIDIA H200 NVL", 835.5), ("NVIDIA GB200", 2500.0),
-                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
-def test_peak_by_gpu_name(name, peak):
-    assert peak_bf16_tflops(name) == peak
+def test_every_peak_entry_is_reachable_by_its_own_name():
+    """Lookup is by substring, first match wins: a generic key ("H100") placed before a specific one
+    ("H100 PCIe") would give the specific GPU the wrong peak."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        assert peak_bf16_tflops(f"NVIDIA {key}") == tflops, key
+
+
+def test_peak_from_device_names_as_torch_reports_them():
+    table = dict(PEAK_BF16_TFLOPS)
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == table["H100"]  # the SXM5 part has no "SXM" in its name
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == table["A100"]
+    assert peak_bf16_tflops("nvidia h200") == table["H200"]  # case-insensitive
+    assert peak_bf16_tflops("Tesla T4") is None  # unknown: no MFU is claimed
 
 
 def test_no_peak_off_gpu():
