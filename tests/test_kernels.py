@@ -39,6 +39,7 @@ from fdfo.kernels.fd_loss_triton import fd_loss as fd_loss_triton  # noqa: E402
 from fdfo.kernels.pair_delta_triton import pair_delta as pair_delta_triton  # noqa: E402
 from fdfo.loss import fdfo_loss, pair_delta  # noqa: E402
 from fdfo.sampling import churn_step, prior_churn  # noqa: E402
+from tests.gold import fd_loss_gold  # noqa: E402
 
 CLIP = 0.03
 BF16_ULP = 2.0**-7  # relative spacing of bf16 values (8 significant bits)
@@ -62,20 +63,6 @@ def _close(actual, expected, rtol, atol, what):
 
 
 # --------------------------------------------------------------------------- fd_loss
-
-
-def _gold_loss(v, v_ref, d, dR, clip, ms=None):
-    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64; returns loss, per-row ratio, loss.
-    ms: the rows' mean(d²), or None to compute it from d."""
-    v, v_ref, d, dR = (a.double() for a in (v, v_ref, d, dR))
-    dims = tuple(range(1, v.ndim))
-    ms = (d**2).mean(dims, keepdim=True) if ms is None else ms.double().view(-1, *[1] * len(dims))
-    d_hat = d / (ms + 1e-6)
-    lp = -((v - (v_ref - d_hat)) ** 2).mean(dims)
-    lp_ref = -(d_hat**2).mean(dims)
-    ratio = torch.exp(lp - lp_ref)
-    per_row = -dR * ratio + dR.abs() / (2 * clip) * (ratio - 1) ** 2
-    return per_row.mean(), ratio, per_row
 
 
 def _loss_inputs(gen, rows, shape, dtype, d_scale=0.3):
@@ -111,9 +98,9 @@ def test_fd_loss_forward_and_gradient_match_reference_and_gold(gen, dtype, rows,
     loss_t, m_t = fd_loss_triton(vk, v_ref, d, dR, CLIP)
     (scale * loss_t).backward()
 
-    gold, ratio, per_row = _gold_loss(v, v_ref, d, dR, CLIP)
+    gold, ratio, per_row = fd_loss_gold(v, v_ref, d, dR, CLIP)
     v64 = v.double().requires_grad_(True)
-    _gold_loss(v64, v_ref, d, dR, CLIP)[0].mul(scale).backward()
+    fd_loss_gold(v64, v_ref, d, dR, CLIP)[0].mul(scale).backward()
     vr = v.clone().requires_grad_(True)
     loss_r, m_r = fdfo_loss(vr, v_ref, d, dR, CLIP)
     (scale * loss_r).backward()
@@ -166,7 +153,7 @@ def test_fd_loss_with_pair_delta_ms_equals_the_path_that_sums_it(gen, dtype, row
         kernel_given = _fd_loss_run(v, v_ref, d, dR, ms, fd_loss_triton, scale)
         reference = _fd_loss_run(v, v_ref, d, dR, ms, fdfo_loss, scale)
         v64 = v.double().requires_grad_(True)
-        gold, ratio, _ = _gold_loss(v64, v_ref, d, dR, CLIP)
+        gold, ratio, _ = fd_loss_gold(v64, v_ref, d, dR, CLIP)
         (scale * gold).backward()
         gmax = float(v64.grad.abs().max())
         for other, what in ((kernel_sums, "ms=None"), (reference, "reference")):
@@ -194,7 +181,7 @@ def test_fd_loss_with_pair_delta_ms_equals_the_path_that_sums_it(gen, dtype, row
     other_ms = ms * (0.5 + float(torch.rand((), generator=gen)))
     loss, ratio_mean, _, grad = _fd_loss_run(v, v_ref, d, dR, other_ms, fd_loss_triton, scale)
     v64 = v.double().requires_grad_(True)
-    gold, ratio, _ = _gold_loss(v64, v_ref, d, dR, CLIP, ms=other_ms)
+    gold, ratio, _ = fd_loss_gold(v64, v_ref, d, dR, CLIP, ms=other_ms)
     (scale * gold).backward()
     _close(loss, gold, tol["loss"], 1e-7, "loss for another ms")
     _close(ratio_mean, ratio.mean(), 1e-5, 0, "ratio for another ms")
@@ -274,7 +261,7 @@ def test_fd_loss_is_stable_where_the_literal_formula_is_not(gen):
     dR = torch.randn(rows, generator=gen) * 0.1
     v = v_ref + 1e-5 * torch.randn(rows, *shape, generator=gen)
     _, metrics = fd_loss_triton(v, v_ref, d, dR, CLIP)
-    _, ratio, _ = _gold_loss(v, v_ref, d, dR, CLIP)
+    _, ratio, _ = fd_loss_gold(v, v_ref, d, dR, CLIP)
     assert float(metrics["ratio"]) == pytest.approx(float(ratio.mean()), abs=1e-5)
 
 
@@ -289,7 +276,7 @@ def test_fd_loss_reads_row_strided_inputs_in_place(gen):
     loss, metrics = fd_loss_triton(v, v_ref, d, dR, CLIP)
     loss.backward()
     v64 = v.detach().double().requires_grad_(True)
-    gold, ratio, _ = _gold_loss(v64, v_ref, d, dR, CLIP)
+    gold, ratio, _ = fd_loss_gold(v64, v_ref, d, dR, CLIP)
     gold.backward()
     _close(loss, gold, 2e-5, 1e-7, "loss")
     _close(v.grad, v64.grad, 2e-4, 1e-3 * float(v64.grad.abs().max()), "gradient")
@@ -299,7 +286,7 @@ def test_fd_loss_without_grad_writes_no_gradient(gen):
     v, v_ref, d, dR = _loss_inputs(gen, 4, (3, 6, 6), torch.float32)
     loss, metrics, row_stats, grad = fd_loss_forward(v, v_ref, d, dR, CLIP, write_grad=False)
     assert grad is None
-    gold, ratio, per_row = _gold_loss(v, v_ref, d, dR, CLIP)
+    gold, ratio, per_row = fd_loss_gold(v, v_ref, d, dR, CLIP)
     _close(loss, gold, 2e-5, 1e-7, "loss")
     _close(row_stats[1], ratio, 1e-5, 0, "ratio")
     with torch.no_grad():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fdfo.loss import fdfo_loss, pair_delta
+from tests.gold import fd_loss_gold
 
 
 def _inputs(rows=6, shape=(4, 8, 8), seed=0, scale=0.05, dtype=torch.float32):
@@ -15,20 +16,6 @@ def _inputs(rows=6, shape=(4, 8, 8), seed=0, scale=0.05, dtype=torch.float32):
     d = torch.randn(rows, *shape, generator=g) * scale
     dR = torch.randn(rows, generator=g) * 0.1
     return v_ref.to(dtype), d.to(dtype), dR
-
-
-def _gold(v, v_ref, d, dR, clip, ms=None):
-    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64; ms: mean(d²) per row, or None."""
-    v, v_ref, d, dR = (a.double() for a in (v, v_ref, d, dR))
-    dims = tuple(range(1, v.ndim))
-    ms = (d**2).mean(dims, keepdim=True) if ms is None else ms.double().view(-1, *[1] * len(dims))
-    d_hat = d / (ms + 1e-6)
-    v_tgt = v_ref - d_hat
-    lp = -((v - v_tgt) ** 2).mean(dims)
-    lp_ref = -(d_hat**2).mean(dims)
-    ratio = torch.exp(lp - lp_ref)
-    per_row = -dR * ratio + dR.abs() / (2 * clip) * (ratio - 1) ** 2
-    return per_row.mean(), ratio
 
 
 def test_at_v_ref_ratio_is_one_and_loss_is_minus_dR():
@@ -59,7 +46,7 @@ def test_matches_float64_gold_away_from_v_ref(seed):
     v = (v_ref + 0.02 * torch.randn(v_ref.shape, generator=g)).requires_grad_(True)
     v64 = v.detach().double().requires_grad_(True)
     loss, metrics = fdfo_loss(v, v_ref, d, dR, clip_range=0.03)
-    gold, ratio = _gold(v64, v_ref, d, dR, 0.03)
+    gold, ratio, _ = fd_loss_gold(v64, v_ref, d, dR, 0.03)
     loss.backward()
     gold.backward()
     assert float(loss) == pytest.approx(float(gold), rel=1e-4, abs=1e-7)
@@ -73,7 +60,7 @@ def test_stable_where_the_literal_formula_loses_precision():
     g = torch.Generator().manual_seed(8)
     v = v_ref + 1e-5 * torch.randn(v_ref.shape, generator=g)
     _, metrics = fdfo_loss(v, v_ref, d, dR, clip_range=0.03)
-    _, ratio = _gold(v, v_ref, d, dR, 0.03)  # float64
+    _, ratio, _ = fd_loss_gold(v, v_ref, d, dR, 0.03)  # float64
     assert float(metrics["ratio"]) == pytest.approx(float(ratio.mean()), abs=1e-5)
 
 
@@ -114,7 +101,7 @@ def test_bf16_inputs_compute_in_fp32():
     g = torch.Generator().manual_seed(12)
     v = v_ref + 0.02 * torch.randn(v_ref.shape, generator=g)
     loss16, _ = fdfo_loss(v.bfloat16(), v_ref.bfloat16(), d.bfloat16(), dR, 0.03)
-    gold, _ = _gold(v.bfloat16(), v_ref.bfloat16(), d.bfloat16(), dR, 0.03)
+    gold, _, _ = fd_loss_gold(v.bfloat16(), v_ref.bfloat16(), d.bfloat16(), dR, 0.03)
     assert loss16.dtype == torch.float32
     assert float(loss16) == pytest.approx(float(gold), rel=1e-3, abs=1e-6)
 
@@ -147,7 +134,7 @@ def test_given_ms_is_used_and_pair_delta_ms_gives_the_computed_loss(dtype):
         for a, b in zip(out["given"], out["computed"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
         v64 = v_all[rows].double().requires_grad_(True)
-        gold, ratio = _gold(v64, v_ref, d[rows], dR[rows], 0.03, ms=ms[rows] * scale)
+        gold, ratio, _ = fd_loss_gold(v64, v_ref, d[rows], dR[rows], 0.03, ms=ms[rows] * scale)
         gold.backward()
         loss, mean_ratio, grad = out["other"]
         assert float(loss) == pytest.approx(float(gold), rel=1e-4, abs=1e-7)
