@@ -37,14 +37,18 @@ Trainer's own from_pretrained path; speed does not depend on weight values):
   offline CLIP tokenizer and a CLIP image processor beside it (the PickScore loader's layout).
 
 Each variant's timed epoch is its FIRST epoch (one-off costs included: Triton JIT and graph
-capture on the fast path); ``--warmup-epochs N`` runs N untimed epochs first.
+capture on the fast path); ``--warmup-epochs N`` runs N epochs first and times the next one
+(the warm-up epochs' own figures are kept in the JSON under ``warmup``, so one run gives the
+cold and the steady-state epoch).
 
     python benchmarks/bench_epoch.py                       # GPU: 24 pairs, 40 steps, CFG off
     python benchmarks/bench_epoch.py --guidance 4.5        # CFG on
     python benchmarks/bench_epoch.py --warmup-epochs 1     # steady-state epoch
+    python benchmarks/bench_epoch.py --pairs 6 --warmup-epochs 1   # two sampling micro-batches (run_gpu.sh)
     python benchmarks/bench_epoch.py --tiny                # CPU smoke run, tiny models (seconds)
 
-Prints one line per variant, a short table last, and writes JSON to --out.
+Prints one line per variant, a short table last, and writes JSON to --out, rewritten after
+each variant (``"complete": false`` until the last), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from fdfo.atomic import write_text
 from fdfo.models.flavours import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +171,9 @@ def make_config(args, variant: str, pipeline_dir: Path, reward_dir: Path, out_di
 def emulate_published_sampler(trainer) -> None:
     """Sample with fdfo.sampling.sample_pairs (torch.randn noise, PyTorch churn step) and read σ back to
     the host before every forward, as the published step loop does with ``sigmas[k].item()``."""
-    trainer.graph_sampler = None
-    inner = trainer._velocity_fn
+    trainer.algorithm.graph_sampler = None
+    policy = trainer.policy
+    inner = policy.velocity_fn
 
     def velocity_fn(cond, net=None):
         v = inner(cond, net)
@@ -178,7 +184,7 @@ def emulate_published_sampler(trainer) -> None:
 
         return synced
 
-    trainer._velocity_fn = velocity_fn
+    policy.velocity_fn = velocity_fn
 
 
 def model_flop_utilisation(args, trainer, rec: dict) -> dict:
@@ -194,10 +200,10 @@ def model_flop_utilisation(args, trainer, rec: dict) -> dict:
 
     cfg, model = trainer.cfg, trainer.model
     rows = cfg.train.micro_batch_rows
-    elements = trainer.layout["elements_per_rank"]  # this rank's 2·P·T: the times are this rank's too
+    elements = trainer.layout.elements_per_rank  # this rank's 2·P·T: the times are this rank's too
     out = {}
     for phase, train, seconds in (("sample", False, rec.get("sample_s")), ("train", True, rec.get("train_s"))):
-        per_row = velocity_flops(model, rows, trainer.guidance, trainer.uncond, train=train) / rows
+        per_row = velocity_flops(model, rows, trainer.policy.guidance, trainer.policy.uncond, train=train) / rows
         out[f"{phase}_flops_per_row"] = per_row
         out[f"{phase}_tflops"] = per_row * elements / seconds / 1e12 if seconds else None
     peak = args.peak_tflops or peak_bf16_tflops(trainer.device)
@@ -218,8 +224,10 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
     if variant == "published":
         emulate_published_sampler(trainer)
     device = trainer.device
-    for epoch in range(args.warmup_epochs):
-        trainer.train_epoch(epoch)
+    warmup = []
+    for epoch in range(args.warmup_epochs):  # untimed for the headline figure, but recorded: the cold epoch
+        w = trainer.train_epoch(epoch)
+        warmup.append({k: w.get(k) for k in ("pairs_per_s", "sample_s", "train_s", "epoch_s")})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -227,15 +235,13 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     util = model_flop_utilisation(args, trainer, rec)
     sampler = "sample_pairs+sync" if variant == "published" else (
-        trainer.graph_sampler.mode if trainer.graph_sampler is not None else "sample_pairs")
-    from fdfo import kernels
-
+        trainer.algorithm.graph_sampler.mode if trainer.algorithm.graph_sampler is not None else "sample_pairs")
     result = {
         "variant": variant, "kernels": cfg.train.kernels, "cuda_graphs": cfg.sampling.cuda_graphs,
-        "sampler": sampler, "kernel_backend": getattr(kernels, "get_backend", lambda: cfg.train.kernels)(),
+        "sampler": sampler, "kernel_backend": trainer.policy.kernels,
         "pairs": cfg.train.pairs_per_epoch, "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance_scale,
         "micro_batch_pairs": cfg.sampling.micro_batch_pairs, "micro_batch_rows": cfg.train.micro_batch_rows,
-        "warmup_epochs": args.warmup_epochs, "setup_s": setup_s,
+        "warmup_epochs": args.warmup_epochs, "warmup": warmup, "setup_s": setup_s,
         "pairs_per_s": rec.get("pairs_per_s"), "sample_s": rec.get("sample_s"), "train_s": rec.get("train_s"),
         "epoch_s": rec.get("epoch_s"), "skipped": rec.get("skipped"), "reward_mean": rec.get("reward_mean"),
         "peak_gib": peak, **util,
@@ -300,23 +306,25 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"models: {models} (built and saved in {build_s:.1f}s)", flush=True)
         print("text encoders are small: text encoding runs once per epoch batch, before sampling; "
               "its real cost (CLIP-L, CLIP-G, T5-XXL) is not in these numbers", flush=True)
-        results = [run_variant(args, v, pipeline_dir, reward_dir, work) for v in args.variants]
-
-    by = {r["variant"]: r for r in results}
-    ratio = None
-    if "fast" in by and "published" in by and by["published"]["pairs_per_s"] and by["fast"]["pairs_per_s"]:
-        ratio = by["fast"]["pairs_per_s"] / by["published"]["pairs_per_s"]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {
-        "benchmark": "bench_epoch", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": gpu, "torch": torch.__version__, "tiny": args.tiny, "models": models,
-        "text_encoders": "small (not the real CLIP-L/CLIP-G/T5-XXL)", "build_s": build_s,
-        "pairs": args.pairs, "steps": args.steps, "guidance": args.guidance,
-        "variants": results, "speedup_fast_over_published": ratio,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        results = []
+        report = {
+            "benchmark": "bench_epoch", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": gpu, "torch": torch.__version__, "tiny": args.tiny, "models": models,
+            "text_encoders": "small (not the real CLIP-L/CLIP-G/T5-XXL)", "build_s": build_s,
+            "pairs": args.pairs, "steps": args.steps, "guidance": args.guidance,
+            "variants": results, "speedup_fast_over_published": None, "complete": False,
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for v in args.variants:
+            results.append(run_variant(args, v, pipeline_dir, reward_dir, work))
+            by = {r["variant"]: r for r in results}
+            if "fast" in by and "published" in by and by["published"]["pairs_per_s"] and by["fast"]["pairs_per_s"]:
+                report["speedup_fast_over_published"] = by["fast"]["pairs_per_s"] / by["published"]["pairs_per_s"]
+            report["complete"] = len(results) == len(args.variants)
+            write_text(out, json.dumps(report, indent=2))  # after each variant: a run cut short keeps it
+    ratio = report["speedup_fast_over_published"]
 
     print(f"\none epoch, {args.pairs} pairs, {args.steps} steps, guidance {args.guidance}, {gpu}")
     print(f"{'variant':>9} | {'pairs/s':>9} | {'sample_s':>9} | {'train_s':>9} | {'epoch_s':>9} | "

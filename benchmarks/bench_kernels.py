@@ -5,8 +5,13 @@
     python benchmarks/bench_kernels.py [--out FILE]       correctness on the GPU first, then every variant and
                                                           size in one run; a short table last, full JSON to FILE
     python benchmarks/bench_kernels.py --small            the same at tiny sizes (CPU: interpreter, no GPU needed)
+    python benchmarks/bench_kernels.py --res 512 1024 --rows 6 --dtypes bf16 --rep-ms 100
+                                                          a subset of the shapes (what run_gpu.sh times)
 
-Shapes are SD3.5 latents, 16×64×64 (512²) and 16×128×128 (1024²), micro-batches of 2–26 rows.
+Shapes are SD3.5 latents, 16×64×64 (512²) and 16×128×128 (1024²), micro-batches of 2–26 rows
+(bf16 at every resolution and row count, fp32 at one shape). The script times Triton and
+eager for every case first and torch.compile (minutes of compilation) last, and rewrites its
+JSON after every measurement, so a run cut short keeps what it measured.
 Every timed function ends with a CUDA synchronisation. Each result carries, in
 ``extra_info``: the minimum bytes the operation must move (each input read once,
 each output written once), the achieved GB/s over that, the fraction of the
@@ -38,6 +43,7 @@ if __name__ == "__main__" and ("--small" in sys.argv and not torch.cuda.is_avail
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (fdfo.kernels imports it lazily)
 
 import fdfo.kernels as K  # noqa: E402
+from fdfo.atomic import write_text  # noqa: E402
 from fdfo.loss import fdfo_loss, pair_delta  # noqa: E402
 from fdfo.sampling import churn_step  # noqa: E402
 
@@ -66,16 +72,17 @@ class Case:
         return f"{self.kernel}-{self.variant}-{'small' if self.small else f'{self.res}px'}-{self.rows}rows-{self.dtype}"
 
 
-def cases(small: bool) -> list[Case]:
+def cases(small: bool, res=(512, 1024), rows=(2, 12, 26), dtypes=("bf16", "fp32")) -> list[Case]:
+    """bf16 at every resolution × rows; fp32 at one shape (the first resolution, the middle row count)."""
     if small:
         return [Case(k, v, 0, 4, "bf16") for k, vs in VARIANTS.items() for v in vs]
     out = []
     for kernel, variants in VARIANTS.items():
         for variant in variants:
-            for res in (512, 1024):
-                for rows in (2, 12, 26):
-                    out.append(Case(kernel, variant, res, rows, "bf16"))
-            out.append(Case(kernel, variant, 512, 12, "fp32"))
+            if "bf16" in dtypes:
+                out += [Case(kernel, variant, r, n, "bf16") for r in res for n in rows]
+            if "fp32" in dtypes:
+                out.append(Case(kernel, variant, res[0], rows[len(rows) // 2], "fp32"))
     return out
 
 
@@ -303,7 +310,7 @@ if pytest is not None:
 # --------------------------------------------------------------------------- the one-shot script
 
 
-def time_call(run, device: torch.device, small: bool) -> float:
+def time_call(run, device: torch.device, small: bool, rep_ms: int = 200) -> float:
     """Median seconds per call."""
     if device.type == "cuda":
         import triton.testing
@@ -311,7 +318,7 @@ def time_call(run, device: torch.device, small: bool) -> float:
         def timed():
             run()
 
-        return triton.testing.do_bench(timed, warmup=25, rep=200, return_mode="median") * 1e-3
+        return triton.testing.do_bench(timed, warmup=25, rep=rep_ms, return_mode="median") * 1e-3
     times = []
     for _ in range(3 if small else 10):
         t0 = time.perf_counter()
@@ -326,6 +333,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/kernel_results.json", help="where to write the full results")
     ap.add_argument("--kernels", default=",".join(VARIANTS), help="comma-separated subset of kernels")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--res", type=int, nargs="+", choices=(512, 1024), default=[512, 1024], help="image sides")
+    ap.add_argument("--rows", type=int, nargs="+", default=[2, 12, 26], help="rows per launch (micro-batch)")
+    ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["bf16", "fp32"],
+                    help="bf16: every resolution × rows; fp32: one case at the first resolution, middle rows")
+    ap.add_argument("--rep-ms", type=int, default=200, help="milliseconds of timed calls per measurement (GPU)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -334,49 +346,56 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     wanted = set(args.kernels.split(","))
-    todo = [c for c in cases(args.small) if c.kernel in wanted]
+    todo = [c for c in cases(args.small, tuple(args.res), tuple(args.rows), tuple(args.dtypes)) if c.kernel in wanted]
     impls = [i for i in IMPLS if not (args.no_compile and i == "compile")]
 
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
+        torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
+        command=" ".join([os.path.basename(sys.executable), *sys.argv]), copy_gbps=None,
+        cases=[c.id for c in todo], impls=impls,
+        skipped_impls={"compile": "--no-compile"} if args.no_compile else {},
+    )
+    checks, records = [], []
+
+    def save(complete: bool = False) -> None:
+        """Rewrite the JSON with everything measured so far (atomically: a kill leaves the last version)."""
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_text(args.out, json.dumps(dict(meta=meta, complete=complete, checks=checks, results=records), indent=1))
+
     print(f"device: {torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'}")
-    checks = []
     for case in todo:
         res = check(case, device)
         checks.append(res)
-        print(("ok  " if res["ok"] else "FAIL") + " " + json.dumps(res))
+        print(("ok  " if res["ok"] else "FAIL") + " " + json.dumps(res), flush=True)
+    save()
     if not all(r["ok"] for r in checks):
         print("correctness check failed: no timings taken")
         return 1
 
-    copy_gbps = copy_bandwidth(device)
-    records = []
-    for case in todo:
-        inp = make_inputs(case, device)
-        for impl in impls:
+    copy_gbps = meta["copy_gbps"] = copy_bandwidth(device)
+    inputs = {}
+    for impl in impls:  # Triton and eager for every case before torch.compile, which takes longest
+        for case in todo:
+            inp = inputs.setdefault(case.id, make_inputs(case, device))
             run = make_runner(case, impl, inp)
             run()
             run()
             sync(device)
             peak = peak_extra_bytes(run, device)
-            seconds = time_call(run, device, args.small)
+            seconds = time_call(run, device, args.small, args.rep_ms)
             nbytes = min_bytes(case, inp)
             gbps = nbytes / seconds / 1e9
             records.append(dict(asdict(case), case=case.id, impl=impl, seconds=seconds, min_bytes=nbytes,
                                 gbps=gbps, frac_of_copy=(gbps / copy_gbps if copy_gbps else None),
                                 peak_extra_bytes=peak))
             print(f"  {case.id:42s} {impl:8s} {seconds * 1e6:10.1f} us", flush=True)
-        del inp
+            save()
+    del inputs
+    save(complete=True)
 
     by_key = {(r["case"], r["impl"]): r for r in records}
-    meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
-        torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
-        command=" ".join([os.path.basename(sys.executable), *sys.argv]), copy_gbps=copy_gbps,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, checks=checks, results=records), f, indent=1)
-
     print(f"\n{meta['device']}, copy bandwidth {copy_gbps or float('nan'):.0f} GB/s; full results in {args.out}")
     header = f"{'case':42s} {'triton us':>10s} {'eager us':>9s} {'compile us':>10s} {'vs eager':>8s} " \
              f"{'vs comp':>8s} {'GB/s':>7s} {'%copy':>6s} {'peak MB t/e':>12s}"

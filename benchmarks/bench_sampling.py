@@ -21,9 +21,12 @@ SXM or H200; --peak-tflops overrides; no MFU where the peak is unknown, e.g. on 
     python benchmarks/bench_sampling.py --cfg off            # ≈ 5 min on an H100
     python benchmarks/bench_sampling.py --cfg on
     python benchmarks/bench_sampling.py --rows 8 --variants published graph
+    python benchmarks/bench_sampling.py --cfg off --rows 6   # the published micro-batch only (run_gpu.sh)
     python benchmarks/bench_sampling.py --tiny               # smoke run (on CPU: published and eager only)
 
-Prints one line per measurement, a short table last, and writes JSON to --out.
+Prints one line per measurement, a short table last, and writes JSON to --out, rewritten
+after every variant (``"complete": false`` until the last), so a run cut short keeps what
+it measured.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from fdfo.atomic import write_text
 from fdfo.flops import count_flops, peak_bf16_tflops
 from fdfo.gpu_stats import GpuStats
 from fdfo.graphs import GraphSampler
@@ -76,7 +80,7 @@ def sample_published(forward, latents, cond: Conditioning, uncond: Conditioning 
         xs.append(x)
         vs.append(v)
         x = churn_step(x, v, t, s, g_steps[k], torch.randn(x.shape, generator=generator, device=device))
-    return Trajectories(xs=torch.stack(xs, 1), vs=torch.stack(vs, 1), x0=x, sigmas=sigmas)
+    return Trajectories(xs=torch.stack(xs, 1), vs=torch.stack(vs, 1), x0=x)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -86,7 +90,8 @@ def build_transformer(arch: str, lora: int, device: torch.device, dtype: torch.d
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    net = SD3Transformer2DModel(**ARCHS[arch]).to(dtype)
+    with torch.device(device):  # random init where it runs: seconds on a GPU instead of a minute on the host
+        net = SD3Transformer2DModel(**ARCHS[arch]).to(dtype)
     net.requires_grad_(False)
     if lora:
         from peft import LoraConfig
@@ -127,7 +132,8 @@ def skip_reason(variant: str, device: torch.device) -> str | None:
 # --------------------------------------------------------------------------- one configuration
 
 
-def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, cfg: bool) -> list[dict]:
+def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, cfg: bool, emit=None) -> list[dict]:
+    """Every variant at one (rows, cfg); ``emit(results)`` after each, so the caller can save them as it goes."""
     arch = ARCHS[args.arch]
     C, side, L = arch["in_channels"], args.latent, args.text_tokens
     P, T = rows // 2, sigmas.numel() - 1
@@ -157,6 +163,8 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
         if reason:
             print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant}: skipped ({reason})", flush=True)
             results.append({**base, "skipped": reason})
+            if emit:
+                emit(results)
             continue
         try:
             if variant == "published":
@@ -197,6 +205,8 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
             print(f"  cfg={'on' if cfg else 'off'} rows={rows} {variant}: out of memory ({exc})", flush=True)
             results.append({**base, "skipped": "out of memory"})
             torch.cuda.empty_cache()
+            if emit:
+                emit(results)
             continue
         trajectories[variant] = traj
         res = {**base, "mode": mode, "warmup_s": warm_s, "sample_s": seconds, "images_per_s": rows / seconds,
@@ -208,7 +218,9 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
               f"{seconds:.2f} s per micro-batch, {res['tflops']:.4g} TFLOP/s"
               + (f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] is not None else ""), flush=True)
         del run
-    check(results, trajectories)
+        check(results, trajectories)
+        if emit:
+            emit(results)
     return results
 
 
@@ -217,8 +229,8 @@ def check(results: list[dict], trajectories: dict) -> None:
     ref = trajectories.get("eager")
     for res in results:
         traj = trajectories.get(res["variant"])
-        if ref is None or traj is None or res["variant"] in ("eager", "published"):
-            continue
+        if ref is None or traj is None or res["variant"] in ("eager", "published") or "bitwise_equal_eager" in res:
+            continue  # nothing to compare, or compared already
         same = all(torch.equal(a, b) for a, b in ((traj.xs, ref.xs), (traj.vs, ref.vs), (traj.x0, ref.x0)))
         res["bitwise_equal_eager"] = same
         res["max_abs_diff_x0"] = float((traj.x0 - ref.x0).abs().max())
@@ -295,15 +307,23 @@ def main(argv=None) -> dict:
     print(f"{args.arch} {args.latent}×{args.latent} latents, {args.steps} steps, LoRA r={args.lora}, {dtype}, "
           f"{device_name}", flush=True)
     results = []
+    out = {"device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv), "torch": torch.__version__, "args": vars(args), "complete": False,
+           "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save(partial=()):
+        """Rewrite the JSON with what is measured so far (atomically: a run cut short keeps it)."""
+        write_text(args.out, json.dumps({**out, "results": results + list(partial)}, indent=1))
+
+    save()
     for cfg in args.cfg:
         for rows in args.rows:
-            results += run_config(args, net, forward, compiled, device, dtype, sigmas, rows, cfg == "on")
+            results += run_config(args, net, forward, compiled, device, dtype, sigmas, rows, cfg == "on", emit=save)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    out = {"device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join(sys.argv), "torch": torch.__version__, "args": vars(args), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    out["complete"] = True
+    save()
     print(f"\nwrote {args.out}\n")
     print(table(results), flush=True)
     return out

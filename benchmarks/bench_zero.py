@@ -6,15 +6,18 @@ micro-batch of training elements per forward/backward, the FD loss, the
 optimizer step through the DeepSpeed engine.
 
     deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch sd35-medium --stage 0 2 3
+    python benchmarks/bench_zero.py --arch sd35-medium --stage 3 --full   # one GPU: a plain process is rank 0
     deepspeed --num_gpus 8 benchmarks/bench_zero.py --arch sd35-large --stage 3 --offload
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch tiny --stage 0 3 --steps 2
 
-Prints one line per stage and writes JSON lines to --out (rank 0).
+Prints one line per stage and appends a JSON line per stage to --out as it goes (rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
 import os
 import time
@@ -35,11 +38,13 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
     arch = ARCHS[args.arch]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     latent = args.latent or arch["sample_size"] // 2  # 512² images = 64×64 latents for SD3.5
+    offload = bool(args.offload and stage == 3)
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(**arch).to(dtype)
+    with torch.device(device):  # random init on the GPU: seconds, where the host takes minutes for 8B parameters
+        model = SD3Transformer2DModel(**arch).to(dtype)
     if args.full:
         model.requires_grad_(True)
     else:
@@ -60,7 +65,11 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     if args.full and dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
-    model = model.to(device) if stage != 3 or not args.offload else model
+    if offload:
+        model = model.cpu()  # ZeRO-3 offload keeps the parameters in host memory; DeepSpeed pins its partitions
+    if device.type == "cuda":  # the peak from here on: the model as trained, not its fp32 construction
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     opt = adamw(params, ds, lr=3e-5, weight_decay=1e-4)  # DeepSpeed's CPU AdamW under optimizer offload
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     C, L = arch["in_channels"], args.text_tokens
@@ -91,9 +100,11 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    result = {"arch": args.arch, "stage": stage, "offload": bool(args.offload and stage == 3), "full": args.full,
+    result = {"arch": args.arch, "stage": stage, "offload": offload, "full": args.full,
               "world": world, "rows": args.rows, "latent": latent, "step_s": seconds,
               "samples_per_s": args.rows * world / seconds, "peak_gib": peak,
+              "steps": args.steps, "warmup": args.warmup, "text_tokens": args.text_tokens,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     del engine, model, opt
     return result
@@ -114,9 +125,10 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
 
-    from fdfo.engine import setup_distributed
+    from fdfo import distributed
 
-    rank, world, _, device = setup_distributed()
+    device = distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
     for stage in args.stage:
         res = run_stage(args, stage, device, rank, world)
         if rank == 0:
