@@ -71,6 +71,8 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
     export DS_ACCELERATOR=cpu
+    # tiny sizes gain nothing from threads, and on a busy machine OpenMP's spinning threads slow them 10-100x
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
 json_str() {  # a JSON string literal of $1
