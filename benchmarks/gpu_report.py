@@ -259,9 +259,9 @@ SECTIONS = {
     "sampling_off": ("Sampling, CFG off (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_off")),
     "sampling_on": ("Sampling, CFG on (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_on")),
     "epoch": ("One epoch: fast path against the published formulation (`bench_epoch.py`)", section_epoch),
-    "zero_lora": ("ZeRO stages, SD3.5 Medium, LoRA (`bench_zero.py`)", lambda d: section_zero(d, "zero_lora")),
-    "zero_full": ("ZeRO-3, SD3.5 Medium, full fine-tuning (`bench_zero.py`)", lambda d: section_zero(d, "zero_full")),
-    "zero_offload": ("ZeRO-3 with CPU offload, SD3.5 Large, LoRA (`bench_zero.py`)",
+    "zero_lora": ("ZeRO stages, LoRA (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_lora")),
+    "zero_full": ("ZeRO-3, full fine-tuning (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_full")),
+    "zero_offload": ("ZeRO-3 with CPU offload, LoRA (`bench_zero.py`; SD3.5 Large on the GPU)",
                      lambda d: section_zero(d, "zero_offload")),
 }
 

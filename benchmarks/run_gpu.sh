@@ -86,9 +86,12 @@ json_str() {  # a JSON string literal of $1
 record() {  # record PART STATUS RC SECONDS LIMIT REASON [CMD...]
     local part=$1 status=$2 rc=$3 secs=$4 limit=$5 reason=$6
     shift 6
+    local cmd="$*"
+    cmd=${cmd//"$PY"/python}  # as a reader would type it: no machine's paths
+    cmd=${cmd//"$OUT"/OUT}
     printf '{"part": %s, "status": %s, "rc": %s, "seconds": %s, "limit_s": %s, "reason": %s, "command": %s, "log": %s}\n' \
         "$(json_str "$part")" "$(json_str "$status")" "${rc:-null}" "$secs" "${limit:-null}" "$(json_str "$reason")" \
-        "$(json_str "$*")" "$(json_str "$part.log")" >> "$OUT/status.jsonl"
+        "$(json_str "$cmd")" "$(json_str "$part.log")" >> "$OUT/status.jsonl"
     echo "== $part: $status${reason:+ ($reason)} in ${secs}s"
 }
 

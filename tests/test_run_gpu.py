@@ -25,8 +25,8 @@ GROUPS = {"1": ["env", "aot", "kernels", "sampling_off", "zero_lora", "tests"],
           "2": ["env", "sampling_on", "epoch", "zero_full", "zero_offload"]}
 TITLES = {"env": "## Environment", "tests": "## GPU tests", "aot": "## Kernels compiled for sm_90",
           "kernels": "## Kernels against eager", "sampling_off": "## Sampling, CFG off",
-          "sampling_on": "## Sampling, CFG on", "epoch": "## One epoch", "zero_lora": "## ZeRO stages",
-          "zero_full": "## ZeRO-3, SD3.5 Medium, full", "zero_offload": "## ZeRO-3 with CPU offload"}
+          "sampling_on": "## Sampling, CFG on", "epoch": "## One epoch", "zero_lora": "## ZeRO stages, LoRA",
+          "zero_full": "## ZeRO-3, full fine-tuning", "zero_offload": "## ZeRO-3 with CPU offload"}
 
 
 def _env(tmp_path: Path, **extra) -> dict:
