@@ -35,7 +35,7 @@ METHODS = {
 def run(method: str, seed: int, lr: float, epochs: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{method}_lr{lr:g}_seed{seed}"
     if not (run_dir / "done.json").is_file():
-        cmd = [sys.executable, "fdfo/train.py", "--config", "configs/digits.yaml", *METHODS[method],
+        cmd = [sys.executable, "fdfo/train.py", "--config", "builtin:digits", *METHODS[method],
                "--train.seed", str(seed), "--train.learning_rate", str(lr), "--train.epochs", str(epochs),
                "--log.out_dir", str(run_dir), "--log.progress", "false", "--checkpoint.every", "0", *extra]
         t0 = time.time()

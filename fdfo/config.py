@@ -1,8 +1,8 @@
 """Run configuration: typed dataclasses, a YAML file and dotted CLI overrides.
 
 The dataclass defaults are the published FDFO recipe for SD3.5 Medium
-(ALGORITHM.md §4-5). The built-in CPU default job is a preset on top of them
-(``fdfo.presets.DIGITS``), mirrored by ``configs/digits.yaml``.
+(ALGORITHM.md §4-5). A built-in task's default job is a preset on top of them
+(``--config builtin:digits``, ``fdfo.tasks.preset``).
 
 Every unknown key or badly typed value is a ``ConfigError`` that names the key
 and lists what is valid, so a typo never silently falls back to a default.

@@ -7,7 +7,6 @@ Only rank 0 writes. Every line of metrics.jsonl is one JSON object with a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
