@@ -175,8 +175,8 @@ def emulate_published_sampler(trainer) -> None:
     policy = trainer.policy
     inner = policy.velocity_fn
 
-    def velocity_fn(cond, net=None):
-        v = inner(cond, net)
+    def velocity_fn(cond):
+        v = inner(cond)
 
         def synced(x, t):
             float(t.reshape(-1)[0].item())  # host synchronisation, every step

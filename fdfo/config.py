@@ -72,7 +72,7 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = field(default="fdfo", metadata=_choices("fdfo", "flow_grpo"))
+    algorithm: str = "fdfo"  # a name of fdfo.algorithms.ALGORITHMS (checked with the config)
     epochs: int = 100
     pairs_per_epoch: int = 432  # over all ranks
     optimizer_steps_per_epoch: int = 4
@@ -253,7 +253,7 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
 
 
 def _validate(cfg: RunConfig) -> None:
-    """Cross-field checks: positive sizes, non-negative weights, a KL term only with LoRA.
+    """Cross-field checks: positive sizes, non-negative weights, and the algorithm's own checks.
 
     The epoch layout (whether the batch sizes divide) depends on the number of ranks and
     is checked when the trainer starts (``Algorithm.layout_for``)."""
@@ -271,11 +271,9 @@ def _validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0")
-    kl = {"fdfo": ("train.kl_weight", cfg.train.kl_weight), "flow_grpo": ("grpo.kl_beta", cfg.grpo.kl_beta)}
-    kl_key, kl_value = kl[cfg.train.algorithm]
-    if kl_value > 0 and not cfg.lora.enabled:
-        raise ConfigError(f"config key '{kl_key}' is {kl_value}, but a KL term needs LoRA (the base model is the "
-                          f"model with its adapter disabled): set lora.enabled true or {kl_key} 0")
+    from fdfo import algorithms  # (imported here: the algorithms import this module)
+
+    algorithms.get(cfg.train.algorithm).check(cfg)
     if not cfg.reward.weights:
         raise ConfigError("config key 'reward.weights' is empty; name at least one reward, e.g. {pickscore: 1.0}")
     stray = sorted(set(cfg.reward.paths) - set(cfg.reward.weights) - set(cfg.eval.metrics))

@@ -2,8 +2,10 @@
 
     init()                    the process group: DeepSpeed's launcher, torchrun, or a plain process
     rank(), world_size()      this process's place (0 and 1 without a process group)
+    active(), barrier()       whether there are other ranks; wait for them
     print0(msg)               one line from rank 0, safe beside tqdm bars
     sum_over_ranks(values)    float64 all-reduce of a list of numbers or of a tensor
+    mean_over_ranks(named)    the mean over ranks of named numbers (step and reward metrics)
     gather_rows(x)            concatenation of a per-rank tensor over ranks, in rank order
     rank0_first()             rank 0 runs the block first (building shared assets: cached base
                               models, reward weights); the others wait, then run it too and load

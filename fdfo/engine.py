@@ -167,7 +167,7 @@ class Engine:
                           eps=t.adam_eps, weight_decay=t.weight_decay)
         # ``module``: the DeepSpeed engine wrapping the transformer; training forwards go through it
         # so that its hooks (ZeRO gathers, gradient partitioning) run.
-        self.module, self.optimizer, _, _ = deepspeed.initialize(
+        self.module, _, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         if cfg.train.compile:

@@ -32,8 +32,7 @@ def parse_args(argv: list[str]):
                         help=f"YAML run config, or a built-in task's default job (default: {DEFAULT_JOB})")
     parser.add_argument("--resume", nargs="?", const="auto",
                         help="checkpoint directory, or 'auto' (default when given bare) for the run's latest")
-    parser.add_argument("--algorithm", choices=("fdfo", "flow_grpo"),
-                        help="shorthand for --train.algorithm (flow_grpo: the Flow-GRPO baseline)")
+    parser.add_argument("--algorithm", help="shorthand for --train.algorithm (flow_grpo: the Flow-GRPO baseline)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)

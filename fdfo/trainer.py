@@ -182,7 +182,7 @@ class Trainer:
         valid = torch.tensor([self.rank * per_rank + j < n for j in range(per_rank)], device=self.device)
         t0 = time.time()
         sums = {name: 0.0 for name in ["reward", *self.eval_metrics]}
-        mb = 2 * self.cfg.sampling.micro_batch_pairs
+        mb = self.policy.forward_rows
         with self.policy.sampling():
             for i in range(0, len(idx), mb):
                 chunk = idx[i:i + mb]

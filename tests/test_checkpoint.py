@@ -66,16 +66,16 @@ def test_layout_latest_and_due(tmp_path):
 
 def test_keep_last_prunes_the_oldest_and_never_the_latest(tmp_path):
     m = manager(tmp_path, keep_last=2)
-    for epoch in (1, 2, 3, 10, 11):  # epoch 10 sorts after 3 by number, not by string
+    for epoch in (1, 2, 9998, 9999, 10000):  # "epoch_10000" sorts before "epoch_9999" as a string
         save(m, epoch)
-    assert names(m) == ["epoch_0010", "epoch_0011"]
+    assert names(m) == ["epoch_9999", "epoch_10000"]
     # A user points `latest` at an older checkpoint (to resume from it): pruning keeps it as well.
-    (tmp_path / "checkpoints" / LATEST).write_text("epoch_0010")
+    (tmp_path / "checkpoints" / LATEST).write_text("epoch_9999")
     m.keep_last = 1
     assert [p.name for p in m.prune()] == []
-    assert names(m) == ["epoch_0010", "epoch_0011"]
-    save(m, 12)  # latest -> epoch_0012 again: now only it remains
-    assert names(m) == ["epoch_0012"]
+    assert names(m) == ["epoch_9999", "epoch_10000"]
+    save(m, 10001)  # latest -> epoch_10001 again: now only it remains
+    assert names(m) == ["epoch_10001"]
     # keep_last 0 keeps everything.
     m0 = manager(tmp_path / "all")
     for epoch in range(1, 5):

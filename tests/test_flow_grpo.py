@@ -9,13 +9,16 @@ from fdfo.algorithms.flow_grpo import (gaussian_logp, group_advantages, grpo_los
 
 
 def test_sde_coefficients_follow_the_published_formulas():
+    # Worked by hand for σ = 0.6, s = 0.45, a = 0.7: σ/(1−σ) = 1.5, σ_t² = 0.49·1.5 = 0.735, dt = −0.15;
+    # x_w = 1 + 0.735·(−0.15)/1.2 = 0.908125; v_w = (1 + 0.735·0.4/1.2)·(−0.15) = −0.18675;
+    # std = sqrt(0.735·0.15) = sqrt(0.11025).
     sigma, s, a = 0.6, 0.45, 0.7
-    x_w, v_w, std, sigma_t = sde_coefficients(sigma, s, a)
     dt = s - sigma
-    assert sigma_t == pytest.approx(a * math.sqrt(sigma / (1 - sigma)))
-    assert x_w == pytest.approx(1 + sigma_t**2 * dt / (2 * sigma))
-    assert v_w == pytest.approx((1 + sigma_t**2 * (1 - sigma) / (2 * sigma)) * dt)
-    assert std == pytest.approx(sigma_t * math.sqrt(-dt))
+    x_w, v_w, std, sigma_t = sde_coefficients(sigma, s, a)
+    assert sigma_t == pytest.approx(math.sqrt(0.735), rel=1e-12)
+    assert x_w == pytest.approx(0.908125, rel=1e-12)
+    assert v_w == pytest.approx(-0.18675, rel=1e-12)
+    assert std == pytest.approx(math.sqrt(0.11025), rel=1e-12)
     # At σ = 1 the noise level uses the next grid value instead of an infinite σ/(1−σ).
     assert sde_coefficients(1.0, 0.8, a)[3] == pytest.approx(a * math.sqrt(0.8 / 0.2))
     # With a = 0 the SDE step is the deterministic Euler step.

@@ -21,7 +21,7 @@ DIGITS = ["a handwritten digit one", "a handwritten digit seven", "a handwritten
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_pipeline_dir, digit_reward_dir):
-    """runs/<name>/checkpoints/epoch_0001/{adapter/, trainer.json} + latest, like fdfo.engine writes them."""
+    """runs/<name>/checkpoints/epoch_0001/{adapter/, trainer.json} + latest, like fdfo.checkpoint writes them."""
     from fdfo.models import SD3FlowModel
 
     model = SD3FlowModel(str(tiny_pipeline_dir), device=torch.device("cpu"), dtype=torch.float32,

@@ -61,7 +61,7 @@ def _inputs(P: int, T: int, device="cpu", seed: int = 0, side: int = 4, weight: 
 
 
 def _velocity_closure(net, cond, uncond, guidance):
-    """What Trainer._velocity_fn gives sample_pairs: model.velocity's CFG on the [uncond; cond] batch."""
+    """What Policy.velocity_fn gives sample_pairs: model.velocity's CFG on the [uncond; cond] batch."""
     rows = len(cond)
 
     def velocity(x, t):

@@ -80,10 +80,16 @@ def test_helpers_without_a_process_group():
     from fdfo import distributed
 
     assert distributed.sum_over_ranks([1.5, 2.0]) == [1.5, 2.0]
+    assert distributed.mean_over_ranks({"a": 1.5, "b": -2.0}) == {"a": 1.5, "b": -2.0}
     x = torch.randn(3, 2)
     assert distributed.gather_rows(x) is x
+    ran = []
     with distributed.rank0_first():
-        pass
+        ran.append(distributed.rank())
+    assert ran == [0]
+    with pytest.raises(KeyError):  # the block's own error, unchanged
+        with distributed.rank0_first():
+            raise KeyError("x")
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")

@@ -84,7 +84,7 @@ def dry_run(tmp_path_factory):
         for _, proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-        for name in _shm_buffers() - before:  # DeepSpeed's CPU all-reduce leaves one per process
+        for name in _shm_buffers() - before:  # a process killed before its exit handler ran leaves its buffer
             Path("/dev/shm", name).unlink(missing_ok=True)
     return results
 

@@ -84,7 +84,7 @@ def test_two_epochs_checkpoint_exact_resume_and_adapter(tmp_path, tiny_pipeline_
     ep2_a = next(r for r in history if r["kind"] == "epoch" and r["epoch"] == 2)
     ep2_b = next(r for r in history_b if r["kind"] == "epoch" and r["epoch"] == 2)
     for k in KEYS:
-        assert ep2_a.get(k) == ep2_b.get(k), k
+        assert ep2_a[k] == ep2_b[k], k
 
     # The exported adapter loads into a stock diffusers pipeline and reproduces the trained transformer.
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_pipeline_dir))

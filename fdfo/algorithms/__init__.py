@@ -8,6 +8,7 @@ A new algorithm is one file with an ``Algorithm`` subclass, registered below.
 
 from __future__ import annotations
 
+from fdfo.config import ConfigError
 from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy
 from fdfo.algorithms.fdfo import FDFO
 from fdfo.algorithms.flow_grpo import FlowGRPO
@@ -17,7 +18,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {"fdfo": FDFO, "flow_grpo": FlowGRPO}
 
 def get(name: str) -> type[Algorithm]:
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm '{name}'; valid: {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"config key 'train.algorithm' is {name!r}; valid values: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
 
 

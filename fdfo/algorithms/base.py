@@ -2,7 +2,8 @@
 
 An algorithm (FDFO, Flow-GRPO) is an object the trainer drives once per epoch:
 
-    layout(cfg, world_size)   class method: the epoch's batch sizes, or a ConfigError at start-up
+    check(cfg)                class method: the algorithm's own config checks (a ConfigError)
+    layout_for(cfg, world)    class method: the epoch's batch sizes, or a ConfigError at start-up
     sample(epoch)             an epoch's batch: images and row prompts for the reward, plus
                               whatever the algorithm keeps (trajectories, log-probabilities)
     elements(batch, R, std)   rewards in, the epoch's training elements out: how many there are
@@ -29,6 +30,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 
 from fdfo import distributed
+from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 
 # A micro-batch loss: global element indices [mb] (this rank's slice of the shuffle) -> (loss, metrics).
@@ -92,9 +94,9 @@ class Policy:
 
     # ------------------------------------------------------------------ velocities
 
-    def velocity_fn(self, cond: Conditioning, net=None) -> Callable:
-        """v(x, σ) for sampling (no gradient needed; CFG as configured)."""
-        return lambda x, t: self.model.velocity(x, t, cond, self.guidance, self.uncond, net=net)
+    def velocity_fn(self, cond: Conditioning) -> Callable:
+        """v(x, σ) for sampling (no gradient needed; CFG as configured; the inference copy under ZeRO-3)."""
+        return lambda x, t: self.model.velocity(x, t, cond, self.guidance, self.uncond)
 
     def train_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The velocity through the training engine (its hooks run; the gradient flows to the weights)."""
@@ -128,8 +130,13 @@ class Policy:
         mb = self.cfg.sampling.micro_batch_pairs
         return Conditioning.cat([self.model.encode(prompts[i:i + mb]) for i in range(0, len(prompts), mb)])
 
+    @property
+    def forward_rows(self) -> int:
+        """Rows per sampling forward (both rows of ``sampling.micro_batch_pairs`` pairs)."""
+        return 2 * self.cfg.sampling.micro_batch_pairs
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        mb = 2 * self.cfg.sampling.micro_batch_pairs
+        mb = self.forward_rows
         return torch.cat([self.model.decode(x0[i:i + mb]) for i in range(0, x0.shape[0], mb)])
 
     def micro_batches(self, epoch: int, n: int, size: int) -> list[MicroBatch]:
@@ -152,6 +159,17 @@ class Algorithm(ABC):
     """An RL algorithm the trainer drives (see the module docstring)."""
 
     summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
+    kl_key: ClassVar[str]  # the config key of the algorithm's KL weight ("section.name")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Config checks of this algorithm, run when the config is built: a KL term needs LoRA (the
+        base model is the model with its adapter disabled)."""
+        section, name = cls.kl_key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value > 0 and not cfg.lora.enabled:
+            raise ConfigError(f"config key '{cls.kl_key}' is {value}, but a KL term needs LoRA (the base model is "
+                              f"the model with its adapter disabled): set lora.enabled true or {cls.kl_key} 0")
 
     def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
         self.cfg, self.policy, self.prompts, self.layout = cfg, policy, prompts, layout

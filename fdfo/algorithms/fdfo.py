@@ -22,6 +22,7 @@ from fdfo.sampling import churn_schedule, sample_pairs
 
 class FDFO(Algorithm):
     summary = ("policy_loss", "clipfrac", "grad_norm", "pairs_per_s")
+    kl_key = "train.kl_weight"
 
     def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
         super().__init__(cfg, policy, prompts, layout)

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed
-from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, rows_of
+from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, rows_of
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 
@@ -111,6 +111,7 @@ def train_steps(cfg) -> int:
 
 
 class FlowGRPO(Algorithm):
+    kl_key = "grpo.kl_beta"
 
     @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
@@ -137,7 +138,7 @@ class FlowGRPO(Algorithm):
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, 0, 2))
         everyone = torch.randint(len(self.prompts), (groups * distributed.world_size(),), generator=gen)
         prompts = [self.prompts[i] for i in everyone[distributed.rank() * groups:][:groups].tolist()]
-        mb = 2 * cfg.sampling.micro_batch_pairs
+        mb = pol.forward_rows
         xs, logps = [], []
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
