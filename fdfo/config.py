@@ -138,7 +138,7 @@ class EvalConfig:
 class LogConfig:
     out_dir: str = "runs/sd35"
     plot_every: int = 5  # epochs between reward-curve and sample-grid PNGs; 0 = never
-    grid_pairs: int = 8
+    grid_pairs: int = 8  # rows of the sample grid: pairs (FDFO), or groups (Flow-GRPO, 8 images of each)
     wandb: bool = False
     wandb_project: str = "fdfo"
     tensorboard: bool = False

@@ -112,20 +112,21 @@ class RunReport:
         return path
 
     def save_grid(self, images: torch.Tensor, rewards: torch.Tensor, prompts: list[str], path: Path,
-                  pairs: int) -> Path | None:
-        """Pairs side by side (branch a | branch b), each labelled with its reward, one pair per row;
-        the better branch of each pair is marked "best"."""
-        pairs = min(pairs, images.shape[0] // 2)
-        if not self.enabled or pairs < 1:
-            return None
+                  rows: int, group: int, max_columns: int = 8) -> None:
+        """One sampling unit per row: ``group`` consecutive images of one prompt (a pair: branch a |
+        branch b; a Flow-GRPO group: its first ``max_columns`` images), each labelled with its reward,
+        the best of the row marked "best"."""
+        rows = min(rows, images.shape[0] // group)
+        if not self.enabled or rows < 1:
+            return
         from fdfo.generate import image_grid
 
-        r = [float(x) for x in rewards[: 2 * pairs]]
-        rows = [[images[2 * i], images[2 * i + 1]] for i in range(pairs)]
-        captions = [[f"R={r[2 * i + b]:.3f}" + (" best" if r[2 * i + b] >= r[2 * i + 1 - b] else "")
-                     for b in range(2)] for i in range(pairs)]
-        image_grid(rows, [prompts[2 * i] for i in range(pairs)], ["branch a", "branch b"], captions).save(path)
-        return path
+        cols = min(group, max_columns)
+        r = [[float(rewards[i * group + c]) for c in range(cols)] for i in range(rows)]
+        cells = [[images[i * group + c] for c in range(cols)] for i in range(rows)]
+        captions = [[f"R={x:.3f}" + (" best" if x >= max(row) else "") for x in row] for row in r]
+        headers = ["branch a", "branch b"] if group == 2 else [f"#{c + 1}" for c in range(cols)]
+        image_grid(cells, [prompts[i * group] for i in range(rows)], headers, captions).save(path)
 
 
 def _plain(v):

@@ -112,7 +112,7 @@ class Trainer:
             grid_dir = self.out_dir / "samples"
             grid_dir.mkdir(parents=True, exist_ok=True)
             self.report.save_grid(batch.images, R, batch.prompts, grid_dir / f"epoch_{epoch + 1:04d}.png",
-                                  cfg.log.grid_pairs)
+                                  cfg.log.grid_pairs, self.algorithm.grid_group)
         return record
 
     def _reward_record(self, epoch: int, R: torch.Tensor, parts: dict) -> tuple[dict, float, int]:

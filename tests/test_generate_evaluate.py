@@ -95,7 +95,7 @@ def test_generate_grid_files_and_reproducible_seeds(run_dir, tiny_pipeline_dir, 
 
 
 def test_training_sample_grid_is_the_generate_grid(tmp_path):
-    """The trainer's pair grid (RunReport.save_grid) is drawn by generate's image_grid: same pixels."""
+    """The trainer's sample grid (RunReport.save_grid) is drawn by generate's image_grid: same pixels."""
     from PIL import Image
 
     from fdfo.generate import image_grid
@@ -105,12 +105,19 @@ def test_training_sample_grid_is_the_generate_grid(tmp_path):
     rewards = torch.tensor([0.2, 0.7, 0.5, 0.5, 0.9, 0.1])
     prompts = [p for p in DIGITS for _ in range(2)]
     report = RunReport(tmp_path, build_config({}), enabled=True)
-    assert report.save_grid(images, rewards, prompts, tmp_path / "grid.png", pairs=8) == tmp_path / "grid.png"
+    report.save_grid(images, rewards, prompts, tmp_path / "grid.png", rows=8, group=2)
     expected = image_grid([[images[0], images[1]], [images[2], images[3]], [images[4], images[5]]], DIGITS,
                           ["branch a", "branch b"], [["R=0.200", "R=0.700 best"], ["R=0.500 best", "R=0.500 best"],
                                                      ["R=0.900 best", "R=0.100"]])
     assert Image.open(tmp_path / "grid.png").tobytes() == expected.tobytes()
-    assert report.save_grid(images[:1], rewards[:1], prompts[:1], tmp_path / "none.png", pairs=8) is None
+    # Flow-GRPO: one group of 3 per row, at most 2 shown; the best of the shown ones is marked.
+    report.save_grid(images, rewards, [p for p in DIGITS[:2] for _ in range(3)], tmp_path / "groups.png", rows=8,
+                     group=3, max_columns=2)
+    expected = image_grid([[images[0], images[1]], [images[3], images[4]]], DIGITS[:2], ["#1", "#2"],
+                          [["R=0.200", "R=0.700 best"], ["R=0.500", "R=0.900 best"]])
+    assert Image.open(tmp_path / "groups.png").tobytes() == expected.tobytes()
+    report.save_grid(images[:1], rewards[:1], prompts[:1], tmp_path / "none.png", rows=8, group=2)
+    assert not (tmp_path / "none.png").exists()  # not even one whole pair
     report.close()
 
 

@@ -160,6 +160,7 @@ class Algorithm(ABC):
 
     summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
     kl_key: ClassVar[str]  # the config key of the algorithm's KL weight ("section.name")
+    grid_group: int = 2  # consecutive images of one sampling unit (a pair), one row of the sample grid
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -128,6 +128,10 @@ class FlowGRPO(Algorithm):
         return Layout(rows_per_rank=images, elements_per_rank=elements, optimizer_steps=g.optimizer_steps_per_epoch,
                       micro_batch_rows=mb)
 
+    @property
+    def grid_group(self) -> int:
+        return self.cfg.grpo.group_size
+
     def sample(self, epoch: int) -> Batch:
         """Groups of G independent SDE trajectories per prompt, with per-step log-probabilities."""
         cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
