@@ -25,7 +25,7 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
         "vlm": ["qwen-vl-utils"],
         "logging": ["wandb", "tensorboard"],

@@ -1,6 +1,6 @@
 """Everything the trainer and the tools need to know about ranks, in one place.
 
-    init()                    the process group: DeepSpeed's launcher, torchrun, or a plain process
+    init(), close()           the process group: DeepSpeed's launcher, torchrun, or a plain process
     rank(), world_size()      this process's place (0 and 1 without a process group)
     active(), barrier()       whether there are other ranks; wait for them
     print0(msg)               one line from rank 0, safe beside tqdm bars
@@ -74,6 +74,12 @@ def _remove_shm_buffer(path: Path) -> None:
     """DeepSpeed never unlinks it: 67 MB of tmpfs per CPU process, until the machine restarts. At exit
     every rank has long mapped the others' buffers, so removing the name takes nothing from them."""
     path.unlink(missing_ok=True)
+
+
+def close() -> None:
+    """Leave the process group (if any), so that the process exits cleanly."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if created and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if created:
+            distributed.close()
 
 
 def _run(args, rank: int, world: int, load_prompts) -> int:

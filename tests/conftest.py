@@ -24,6 +24,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def free_port() -> str:
+    """A local TCP port nothing listens on now (for a rendezvous a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_rendezvous():
     """An in-process Trainer makes this process rank 0 of a world of 1 and says so in os.environ

@@ -9,7 +9,6 @@ DeepSpeed's universal format) must continue like the run that wrote it.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,22 +17,17 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import free_port
 from tests.test_train import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> str:
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", _port(),
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", free_port(),
            "fdfo/train.py", "--config", str(path), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -64,12 +58,20 @@ def _cfg(out, tiny_pipeline_dir, digit_reward_dir, prompts, epochs):
                     eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False})
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_pipeline_dir, digit_reward_dir, odd_prompts):
+    """The reference: one epoch of ZeRO-3 on 1 rank (every multi-rank run below must take its step)."""
+    tmp = tmp_path_factory.mktemp("one_rank")
+    one = tmp / "one"
+    launch(1, _cfg(one, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1), tmp)
+    return one
+
+
 def test_zero3_two_ranks_equal_one_rank_and_resume_exactly(tmp_path, tiny_pipeline_dir, digit_reward_dir,
-                                                           odd_prompts):
+                                                           odd_prompts, one_rank):
     two = tmp_path / "two"
     launch(2, _cfg(two, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2), tmp_path)
-    one = tmp_path / "one"
-    launch(1, _cfg(one, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1), tmp_path)
+    one = one_rank
 
     # Same global batch, same shuffle: the same loss and the same updated LoRA weights.
     step_two, step_one = records(two, "step")[0], records(one, "step")[0]
@@ -110,14 +112,14 @@ def test_zero3_two_ranks_equal_one_rank_and_resume_exactly(tmp_path, tiny_pipeli
         assert [r["epoch"] for r in records(run, "epoch")] == [2]  # (epoch 1 ran in the source run)
 
 
-def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts):
+def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts,
+                                                       one_rank):
     """ZeRO-2 and ZeRO-3 with CPU offload on 2 ranks take the same LoRA step as ZeRO-3 on 1 rank;
     full fine-tuning runs under ZeRO-3 on 2 ranks and exports a diffusers transformer that differs
     from the base."""
     from diffusers import SD3Transformer2DModel
 
-    one = tmp_path / "one"
-    launch(1, _cfg(one, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1), tmp_path)
+    one = one_rank
     z2 = tmp_path / "z2"
     cfg = _cfg(z2, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2)
     cfg.deepspeed.config = str(ROOT / "configs/ds/zero2.json")

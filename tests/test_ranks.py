@@ -42,6 +42,7 @@ WORKER = textwrap.dedent("""
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
     json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
+    distributed.close()
 """)
 
 

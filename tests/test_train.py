@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fdfo.config import build_config
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,8 @@ def lora_weights(trainer):
     return {k: v.clone() for k, v in trainer.model.lora_state_dict().items()}
 
 
-KEYS = ("reward_mean", "reward_std", "policy_loss", "clipfrac", "ratio", "grad_norm", "loss")
+# (grad_norm is not here: DeepSpeed reports none under ZeRO stage 0, which these runs use)
+KEYS = ("reward_mean", "reward_std", "policy_loss", "clipfrac", "ratio", "loss")
 
 
 def test_two_epochs_checkpoint_exact_resume_and_adapter(tmp_path, tiny_pipeline_dir, digit_reward_dir):
@@ -175,8 +177,7 @@ def test_deepspeed_launcher_runs_the_entry_point(tmp_path, tiny_pipeline_dir, di
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
     launcher = Path(sys.executable).with_name("deepspeed")
-    port = str(29500 + os.getpid() % 1000)
-    proc = subprocess.run([str(launcher), "--num_gpus", "1", "--master_port", port, "fdfo/train.py",
+    proc = subprocess.run([str(launcher), "--num_gpus", "1", "--master_port", free_port(), "fdfo/train.py",
                            "--config", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ds" / "checkpoints" / "epoch_0001" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
