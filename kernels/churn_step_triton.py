@@ -48,7 +48,10 @@ def _rng_state(seed_ptr, offset_ptr, seed, offset, SEED_FROM_PTR: tl.constexpr, 
         seed = tl.load(seed_ptr)
     if OFFSET_FROM_PTR:
         offset = tl.load(offset_ptr)
-    seed = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+    # A value cast: seeds are non-negative, so int64 -> uint64 keeps the bits, and a seed in
+    # [2**31, 2**32) (which Triton types uint32) is zero-extended (the interpreter mishandles a
+    # uint32 -> int64 -> uint64 bitcast chain).
+    seed = seed.to(tl.uint64)
     off = offset.to(tl.int64)
     off_lo = (off & 0xFFFFFFFF).to(tl.uint32)
     off_hi = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)

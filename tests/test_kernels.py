@@ -367,7 +367,7 @@ CHURN_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 def test_churn_step_matches_reference_given_its_noise(gen, dtype, cfg, rows, shape):
     x, v_u, v_c, t, s, g = _churn_inputs(gen, rows, shape, dtype)
     w = 1.0 + 4 * float(torch.rand((), generator=gen))
-    seed, offset = secrets.randbits(40), secrets.randbits(20)
+    seed, offset = int(torch.randint(2**40, (), generator=gen)), int(torch.randint(2**20, (), generator=gen))
     noise = churn_noise_triton(x.shape, seed, offset, device="cpu")
     v_used = v_u.float() + w * (v_c.float() - v_u.float()) if cfg else v_u.float()
     v_out = torch.empty(x.shape, dtype=torch.float32)
@@ -453,12 +453,15 @@ def test_philox_noise_is_reproducible_and_keyed_by_seed_and_offset():
         assert float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]).__abs__() < 0.2, other
 
 
-def test_churn_step_with_device_tensor_seed_equals_int_seed(gen):
+@pytest.mark.parametrize("seed", [1234, 2**31 + 1234, 2**40 + 1234], ids=["int32", "uint32", "int64"])
+def test_churn_step_with_device_tensor_seed_equals_int_seed(gen, seed):
+    """Every width an integer seed takes as a kernel argument (Triton types it int32, uint32 or
+    int64) gives the noise of the same seed read from an int64 device tensor."""
     x, v, _, t, s, g = _churn_inputs(gen, 3, (2, 5, 5), torch.float32)
-    a = churn_step_triton(x, v, t, s, g, seed=1234, offset=7)
-    b = churn_step_triton(x, v, t, s, g, seed=torch.tensor([1234]), offset=torch.tensor(7))
+    a = churn_step_triton(x, v, t, s, g, seed=seed, offset=7)
+    b = churn_step_triton(x, v, t, s, g, seed=torch.tensor([seed]), offset=torch.tensor(7))
     assert torch.equal(a, b)
-    assert not torch.equal(a, churn_step_triton(x, v, t, s, g, seed=1234, offset=8))
+    assert not torch.equal(a, churn_step_triton(x, v, t, s, g, seed=seed, offset=8))
 
 
 # --------------------------------------------------------------------------- dispatch
