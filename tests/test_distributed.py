@@ -24,14 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> str:
+    """``fdfo/train.py`` on ``ranks`` local ranks, started the way DeepSpeed's launcher starts them (the
+    same environment, LOCAL_SIZE included, so DeepSpeed takes its shared-memory path) but without the
+    launcher process itself; tests/test_train.py runs the real launcher."""
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", free_port(),
-           "fdfo/train.py", "--config", str(path), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    port = free_port()
+    procs = []
+    for rank in range(ranks):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-u", "fdfo/train.py", "--config", str(path), *extra],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=900)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-6000:]
+    return "".join(outputs)
 
 
 def adapter(run: Path, epoch: int) -> dict:
