@@ -75,6 +75,15 @@ from .launch import FLOAT_TYPES, check_device, empty, launch_config, next_pow2, 
 
 
 @triton.jit
+def _load_tile(v_row, vref_row, d_row, offs, mask):
+    """δ = v − v_ref and d over one tile of a row, in fp32 (masked-off lanes are 0)."""
+    v = tl.load(v_row + offs, mask=mask, other=0.0).to(tl.float32)
+    vr = tl.load(vref_row + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return v - vr, d
+
+
+@triton.jit
 def _partial_sums_kernel(
     v_ptr, vref_ptr, d_ptr, ms_ptr, dir_ptr, part_ptr,
     N, rows, C, v_stride, vref_stride, d_stride, dir_stride, eps,
@@ -99,10 +108,7 @@ def _partial_sums_kernel(
     for i in tl.static_range(TILES):
         offs = (chunk * TILES + i) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        v = tl.load(v_row + offs, mask=mask, other=0.0).to(tl.float32)
-        vr = tl.load(vref_row + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_row + offs, mask=mask, other=0.0).to(tl.float32)
-        delta = v - vr
+        delta, d = _load_tile(v_row, vref_row, d_row, offs, mask)
         if not MS_GIVEN:
             acc_dd += d * d
         acc_xx += delta * delta
@@ -171,10 +177,8 @@ def _finish_kernel(
             for i in tl.static_range(TILES):
                 offs = (chunk * TILES + i) * BLOCK + tl.arange(0, BLOCK)
                 mask = offs < N
-                v = tl.load(v_row + offs, mask=mask, other=0.0).to(tl.float32)
-                vr = tl.load(vref_row + offs, mask=mask, other=0.0).to(tl.float32)
-                d = tl.load(d_row + offs, mask=mask, other=0.0).to(tl.float32)
-                g = coef * (v - vr + inv_ms * d)
+                delta, d = _load_tile(v_row, vref_row, d_row, offs, mask)
+                g = coef * (delta + inv_ms * d)
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
     if chunk == 0:
