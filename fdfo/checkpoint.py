@@ -96,11 +96,12 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
         if not self.keep_last:
             return []
-        keep = {p.name for p in self.checkpoints()[-self.keep_last:]}
+        found = self.checkpoints()
+        keep = {p.name for p in found[-self.keep_last:]}
         latest = self.latest()
         if latest is not None:
             keep.add(latest.name)
-        removed = [p for p in self.checkpoints() if p.name not in keep]
+        removed = [p for p in found if p.name not in keep]
         for path in removed:
             atomic.remove_dir(path)
         return removed

@@ -89,6 +89,7 @@ class Policy:
         self.seed = cfg.train.seed
         self.kernels = cfg.train.kernels  # fdfo.kernels backend of every fused kernel call
         self.sigmas = model.sigmas(cfg.sampling.steps)  # [T + 1], CPU
+        self.progress = cfg.log.progress and distributed.rank() == 0  # progress bars, rank 0 only
         self.guidance = cfg.sampling.guidance_scale
         self.uncond = model.encode([cfg.sampling.negative_prompt]) if self.guidance != 1.0 else None
 

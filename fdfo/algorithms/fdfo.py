@@ -65,8 +65,7 @@ class FDFO(Algorithm):
         xs, vs, x0 = [], [], []
         with pol.sampling():
             cond = pol.encode(prompts)  # [P, ...]
-            for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not self.cfg.log.progress
-                          or distributed.rank() != 0, leave=False):
+            for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 g_prior, g_steps = churn_schedule(cfg.churn_schedule, cfg.churn_weight, pol.sigmas, 2 * b.size,
                                                   b.gen_cpu, cfg.churn_logit_mean, cfg.churn_logit_std)

@@ -147,7 +147,7 @@ class FlowGRPO(Algorithm):
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
             for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
-                          disable=not cfg.log.progress or distributed.rank() != 0, leave=False):
+                          disable=not pol.progress, leave=False):
                 r = torch.arange(b.start, b.start + b.size)
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, cfg.grpo.noise_level,
