@@ -6,6 +6,13 @@ The dataclass defaults are the published FDFO recipe for SD3.5 Medium
 
 Every unknown key or badly typed value is a ``ConfigError`` that names the key
 and lists what is valid, so a typo never silently falls back to a default.
+
+Layers apply in order: defaults, the preset or YAML file, the CLI overrides. A
+mapping given whole (``reward: {weights: {pickscore: 1.0}}`` in a file, or
+``--reward.weights '{pickscore: 1.0}'``) replaces the mapping below it. A dotted
+CLI key that reaches into a mapping changes one entry and keeps the others:
+``--reward.weights.vlm_alignment 0.2`` sets that weight, and the value ``null``
+(``--reward.weights.vlm_alignment null``) removes the entry.
 """
 
 from __future__ import annotations
@@ -232,6 +239,24 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
     return value
 
 
+class Entries(dict):
+    """A mapping reached by a dotted CLI key (``--reward.weights.NAME``): its entries update the
+    mapping the lower layers built (``None`` removes one) instead of replacing it."""
+
+
+def _merge_entries(key: str, current: dict, entries: Entries, tp: Any) -> dict:
+    merged = dict(current)
+    for name, value in entries.items():
+        if value is not None:
+            merged[name] = value
+        elif name in merged:
+            del merged[name]
+        else:
+            raise ConfigError(f"config key '{key}.{name}' is null (remove the entry), but '{key}' has no entry "
+                              f"'{name}'; its entries: {', '.join(map(str, merged)) or 'none'}")
+    return _check_value(key, merged, tp, {})
+
+
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -248,6 +273,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
                 raise ConfigError(f"config key '{full}' is a section; give a mapping of its keys "
                                   f"({', '.join(f.name for f in dataclasses.fields(current))})")
             _apply(current, value, prefix=f"{full}.")
+        elif isinstance(value, Entries) and typing.get_origin(hints[key]) is dict:
+            setattr(obj, key, _merge_entries(full, current, value, hints[key]))
         else:
             setattr(obj, key, _check_value(full, value, hints[key], fields[key].metadata))
 
@@ -299,7 +326,9 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``['--train.learning_rate', '1e-4', '--log.wandb=true']`` -> nested dict."""
+    """``['--train.learning_rate', '1e-4', '--log.wandb=true']`` -> nested dict.
+
+    The dicts a dotted key creates are ``Entries``: reaching into a mapping field, they update it."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -320,7 +349,7 @@ def parse_overrides(args: list[str]) -> dict:
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, Entries())
             if not isinstance(node, dict):
                 raise ConfigError(f"override '--{key}' conflicts with another override")
         node[parts[-1]] = value

@@ -117,3 +117,53 @@ def test_shipped_configs_load_and_builtin_digits_is_the_preset():
     assert cfg.reward.weights == {"digit_probability": 1.0} and cfg.eval.every == 5 and cfg.eval.num_images == 200
     with pytest.raises(FileNotFoundError, match="unknown built-in 'builtin:mnist'; valid: builtin:digits"):
         tasks.preset("builtin:mnist")
+
+
+# --------------------------------------------------------------------------- mapping overrides
+
+
+def test_dotted_override_updates_one_mapping_entry(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"reward": {"weights": {"clip_score": 0.7, "pickscore": 1.5},
+                                               "paths": {"pickscore": "weights/pick"}}}))
+    cli = parse_overrides(["--reward.weights.vlm_alignment", "0.2", "--reward.weights.clip_score=0.35",
+                           "--reward.paths.vlm_alignment", "weights/qwen", "--train.learning_rate", "2e-5"])
+    cfg = build_config(load_yaml(path), cli)
+    assert cfg.reward.weights == {"clip_score": 0.35, "pickscore": 1.5, "vlm_alignment": 0.2}
+    assert cfg.reward.paths == {"pickscore": "weights/pick", "vlm_alignment": "weights/qwen"}
+    assert cfg.train.learning_rate == 2e-5 and cfg.train.epochs == RunConfig().train.epochs
+    # Onto the preset too; a bad value is named by its entry.
+    assert build_config(DIGITS, parse_overrides(["--reward.weights.clip_score", "3"])).reward.weights == \
+        {"digit_probability": 1.0, "clip_score": 3.0}
+    with pytest.raises(ConfigError, match=r"'reward\.weights\.hpsv2' must be a number, got 'lots'"):
+        build_config(load_yaml(path), parse_overrides(["--reward.weights.hpsv2", "lots"]))
+
+
+def test_whole_mapping_replaces_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"reward": {"weights": {"clip_score_h14": 2.0, "hpsv2": 0.25}}}))
+    # A file's mapping replaces the defaults' ...
+    assert build_config(load_yaml(path)).reward.weights == {"clip_score_h14": 2.0, "hpsv2": 0.25}
+    # ... and a whole mapping on the command line replaces the file's, whichever order it comes in.
+    cfg = build_config(load_yaml(path), parse_overrides(["--reward.weights", "{pickscore: 0.5}"]))
+    assert cfg.reward.weights == {"pickscore": 0.5}
+    cfg = build_config(load_yaml(path), parse_overrides(["--reward.weights.hpsv2", "9",
+                                                         "--reward.weights", "{clip_score: 4}"]))
+    assert cfg.reward.weights == {"clip_score": 4.0}
+    cfg = build_config(load_yaml(path), parse_overrides(["--reward.weights", "{clip_score: 4}",
+                                                         "--reward.weights.hpsv2", "9"]))
+    assert cfg.reward.weights == {"clip_score": 4.0, "hpsv2": 9.0}
+
+
+def test_null_removes_one_mapping_entry(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"reward": {"weights": {"clip_score": 0.6, "hpsv2": 1.25},
+                                               "paths": {"hpsv2": "weights/hps", "clip_score": "weights/clip"}}}))
+    cfg = build_config(load_yaml(path), parse_overrides(["--reward.weights.hpsv2", "null",
+                                                         "--reward.paths.hpsv2=null"]))
+    assert cfg.reward.weights == {"clip_score": 0.6} and cfg.reward.paths == {"clip_score": "weights/clip"}
+    with pytest.raises(ConfigError, match=r"'reward\.weights\.pick' is null.*no entry 'pick'.*clip_score, hpsv2"):
+        build_config(load_yaml(path), parse_overrides(["--reward.weights.pick", "null"]))
+    with pytest.raises(ConfigError, match=r"'reward\.weights' is empty"):
+        build_config(load_yaml(path), parse_overrides(["--reward.weights.hpsv2", "null",
+                                                       "--reward.weights.clip_score", "~"]))
