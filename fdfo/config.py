@@ -4,8 +4,9 @@ The dataclass defaults are the published FDFO recipe for SD3.5 Medium
 (ALGORITHM.md §4-5). A built-in task's default job is a preset on top of them
 (``--config builtin:digits``, ``fdfo.tasks.preset``).
 
-Every unknown key or badly typed value is a ``ConfigError`` that names the key
-and lists what is valid, so a typo never silently falls back to a default.
+Every unknown key and badly typed or out-of-range value is a ``ConfigError``
+that names the key and says what is valid, so a typo never silently falls back
+to a default.
 
 Layers apply in order: defaults, the preset or YAML file, the CLI overrides. A
 mapping given whole (``reward: {weights: {pickscore: 1.0}}`` in a file, or
@@ -18,11 +19,13 @@ CLI key that reaches into a mapping changes one entry and keeps the others:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -44,7 +47,7 @@ class ModelConfig:
     # Frozen parts' dtype: "auto" = bf16 on GPU, fp32 on CPU.
     dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
     max_sequence_length: int = 128  # T5 tokens
-    resolution: int = 512  # image side in pixels
+    resolution: int = 512  # image side in pixels, a multiple of 16 (SD3: VAE factor 8 × patch 2)
     cache_dir: str | None = None  # where builtin models are kept (default ~/.cache/fdfo)
 
 
@@ -65,7 +68,7 @@ class LoraConfig:
 @dataclass
 class SamplingConfig:
     steps: int = 40  # solver steps T
-    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance
+    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance; below 1 weakens the prompt
     shift: float | None = None  # None = the scheduler's configured shift (3.0 for SD3.5)
     churn_schedule: str = field(default="raw", metadata=_choices("raw", "first", "logit_normal"))
     churn_weight: float = 0.0025
@@ -89,7 +92,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     clip_range: float = 0.03
     kl_weight: float = 0.0
     seed: int = 0
@@ -279,30 +282,115 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_value(full, value, hints[key], fields[key].metadata))
 
 
+@dataclass(frozen=True)
+class _Range:
+    ok: Callable[[Any], bool]
+    valid: str  # what is valid, for the message
+
+
+def _above(low: float) -> _Range:
+    return _Range(lambda v: v > low, "positive" if low == 0 else f"> {low}")
+
+
+def _at_least(low: float) -> _Range:
+    return _Range(lambda v: v >= low, f">= {low}")
+
+
+def _optional(rule: _Range) -> _Range:
+    return _Range(lambda v: v is None or rule.ok(v), f"null or {rule.valid}")
+
+
+_BETA = _Range(lambda v: 0 <= v < 1, "in [0, 1)")
+
+# key -> the values a run can use.
+_RANGES: dict[str, _Range] = {
+    "model.resolution": _Range(lambda v: v > 0 and v % 16 == 0,
+                               "a positive multiple of 16 (SD3: VAE factor 8 × patch 2)"),
+    "model.max_sequence_length": _at_least(1),
+    "lora.rank": _above(0),
+    "lora.alpha": _above(0),
+    "sampling.steps": _above(0),
+    "sampling.guidance_scale": _above(0),
+    "sampling.shift": _optional(_above(0)),
+    "sampling.churn_weight": _at_least(0),
+    "sampling.churn_logit_std": _above(0),
+    "sampling.micro_batch_pairs": _above(0),
+    "train.epochs": _above(0),
+    "train.pairs_per_epoch": _above(0),
+    "train.optimizer_steps_per_epoch": _above(0),
+    "train.micro_batch_rows": _above(0),
+    "train.learning_rate": _above(0),
+    "train.adam_beta1": _BETA,
+    "train.adam_beta2": _BETA,
+    "train.adam_eps": _above(0),
+    "train.weight_decay": _at_least(0),
+    "train.grad_clip": _at_least(0),
+    "train.clip_range": _above(0),
+    "train.kl_weight": _at_least(0),
+    "grpo.noise_level": _above(0),
+    "grpo.group_size": _at_least(2),
+    "grpo.groups_per_epoch": _at_least(1),
+    "grpo.clip_range": _above(0),
+    "grpo.kl_beta": _at_least(0),
+    "grpo.adv_clip": _above(0),
+    "grpo.train_steps": _optional(_at_least(1)),
+    "grpo.optimizer_steps_per_epoch": _at_least(1),
+    "reward.weights": _Range(lambda w: any(v != 0 for v in w.values()),
+                             "a mapping with at least one non-zero weight, e.g. {pickscore: 1.0}"),
+    "reward.batch_size": _at_least(1),
+    "eval.every": _at_least(0),
+    "log.plot_every": _at_least(0),
+    "log.grid_pairs": _at_least(0),
+    "checkpoint.every": _at_least(0),
+    "checkpoint.keep_last": _at_least(0),
+}
+# key -> (the key that switches it on, its range while that key is non-zero or true).
+_RANGES_WHEN: dict[str, tuple[str, _Range]] = {
+    "eval.num_images": ("eval.every", _at_least(1)),
+    "lora.target_modules": ("lora.enabled", _Range(bool, "a non-empty list of module names")),
+}
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _floats(obj: Any, prefix: str = ""):
+    """(key, value) of every float in the config: float fields, and the floats of lists and mappings."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, dict):
+            yield from ((f"{key}.{k}", v) for k, v in value.items() if isinstance(v, float))
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
 def _validate(cfg: RunConfig) -> None:
-    """Cross-field checks: positive sizes, non-negative weights, and the algorithm's own checks.
+    """Start-up checks: finite floats, every value in its range, and the algorithm's own checks.
 
     The epoch layout (whether the batch sizes divide) depends on the number of ranks and
     is checked when the trainer starts (``Algorithm.layout_for``)."""
-    positive = {
-        "train.epochs": cfg.train.epochs, "train.pairs_per_epoch": cfg.train.pairs_per_epoch,
-        "train.optimizer_steps_per_epoch": cfg.train.optimizer_steps_per_epoch,
-        "train.micro_batch_rows": cfg.train.micro_batch_rows, "sampling.steps": cfg.sampling.steps,
-        "sampling.micro_batch_pairs": cfg.sampling.micro_batch_pairs, "lora.rank": cfg.lora.rank,
-        "train.learning_rate": cfg.train.learning_rate, "train.clip_range": cfg.train.clip_range,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value!r}")
-    for key in ("train.kl_weight", "sampling.churn_weight", "train.weight_decay", "train.grad_clip"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0")
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    for key, rule in _RANGES.items():
+        value = _get(cfg, key)
+        if not rule.ok(value):
+            raise ConfigError(f"config key '{key}' must be {rule.valid}, got {value!r}")
+    for key, (switch, rule) in _RANGES_WHEN.items():
+        value, on = _get(cfg, key), _get(cfg, switch)
+        if on and not rule.ok(value):
+            raise ConfigError(f"config key '{key}' must be {rule.valid} while {switch} is {json.dumps(on)}, "
+                              f"got {value!r}")
     from fdfo import algorithms  # (imported here: the algorithms import this module)
 
     algorithms.get(cfg.train.algorithm).check(cfg)
-    if not cfg.reward.weights:
-        raise ConfigError("config key 'reward.weights' is empty; name at least one reward, e.g. {pickscore: 1.0}")
     stray = sorted(set(cfg.reward.paths) - set(cfg.reward.weights) - set(cfg.eval.metrics))
     if stray:
         raise ConfigError(f"config key 'reward.paths' names {stray}, which is neither in reward.weights nor in "

@@ -1,5 +1,8 @@
 """Configuration: published defaults, YAML + CLI overrides, and errors that name the problem."""
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -164,6 +167,107 @@ def test_null_removes_one_mapping_entry(tmp_path):
     assert cfg.reward.weights == {"clip_score": 0.6} and cfg.reward.paths == {"clip_score": "weights/clip"}
     with pytest.raises(ConfigError, match=r"'reward\.weights\.pick' is null.*no entry 'pick'.*clip_score, hpsv2"):
         build_config(load_yaml(path), parse_overrides(["--reward.weights.pick", "null"]))
-    with pytest.raises(ConfigError, match=r"'reward\.weights' is empty"):
+    with pytest.raises(ConfigError, match=r"'reward\.weights' must be a mapping with at least one non-zero weight"):
         build_config(load_yaml(path), parse_overrides(["--reward.weights.hpsv2", "null",
                                                        "--reward.weights.clip_score", "~"]))
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def _float_keys() -> list[str]:
+    """Every float and optional float field, by its dotted key."""
+    return [f"{section}.{name}" for section, cls in typing.get_type_hints(RunConfig).items()
+            if dataclasses.is_dataclass(cls)
+            for name, tp in typing.get_type_hints(cls).items() if float in (tp, *typing.get_args(tp))
+            and typing.get_origin(tp) is not dict]
+
+
+def test_float_keys_are_walked():
+    keys = _float_keys()
+    assert {"train.learning_rate", "train.adam_eps", "sampling.shift", "lora.alpha", "grpo.noise_level"} <= set(keys)
+    assert "reward.weights" not in keys and "train.epochs" not in keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_must_be_finite(key):
+    for raw in ("nan", "-.inf", "inf"):
+        with pytest.raises(ConfigError, match=rf"^config key '{key}' must be a finite number, got -?(nan|inf)$"):
+            build_config({}, parse_overrides([f"--{key}", raw]))
+
+
+@pytest.mark.parametrize("key", ["reward.weights.vlm_alignment", "reward.weights.clip_score"])
+def test_mapping_floats_must_be_finite(key):
+    with pytest.raises(ConfigError, match=rf"config key '{key}' must be a finite number, got nan"):
+        build_config({}, parse_overrides([f"--{key}", ".nan"]))
+
+
+@pytest.mark.parametrize("key, raw, valid", [
+    ("train.learning_rate", "0", "positive"),
+    ("train.adam_beta1", "1.0", r"in \[0, 1\)"),
+    ("train.adam_beta1", "-0.1", r"in \[0, 1\)"),
+    ("train.adam_beta2", "1.5", r"in \[0, 1\)"),
+    ("train.adam_eps", "0", "positive"),
+    ("train.weight_decay", "-3e-4", ">= 0"),
+    ("train.grad_clip", "-0.5", ">= 0"),
+    ("train.clip_range", "-0.01", "positive"),
+    ("train.kl_weight", "-2", ">= 0"),
+    ("sampling.churn_weight", "-0.001", ">= 0"),
+    ("sampling.guidance_scale", "0", "positive"),
+    ("sampling.guidance_scale", "-4.5", "positive"),
+    ("sampling.shift", "0", "null or positive"),
+    ("sampling.churn_logit_std", "0", "positive"),
+    ("lora.alpha", "-16", "positive"),
+    ("lora.rank", "0", "positive"),
+    ("eval.every", "-1", ">= 0"),
+    ("checkpoint.every", "-5", ">= 0"),
+    ("checkpoint.keep_last", "-2", ">= 0"),
+    ("log.plot_every", "-3", ">= 0"),
+    ("log.grid_pairs", "-1", ">= 0"),
+    ("reward.batch_size", "0", ">= 1"),
+    ("model.resolution", "0", "a positive multiple of 16"),
+    ("model.resolution", "500", "a positive multiple of 16"),
+    ("model.resolution", "-512", "a positive multiple of 16"),
+    ("model.max_sequence_length", "0", ">= 1"),
+    ("grpo.noise_level", "0", "positive"),
+    ("grpo.group_size", "1", ">= 2"),
+    ("grpo.groups_per_epoch", "0", ">= 1"),
+    ("grpo.clip_range", "0", "positive"),
+    ("grpo.kl_beta", "-0.01", ">= 0"),
+    ("grpo.adv_clip", "0", "positive"),
+    ("grpo.train_steps", "0", "null or >= 1"),
+    ("grpo.optimizer_steps_per_epoch", "0", ">= 1"),
+])
+def test_values_out_of_range_are_named(key, raw, valid):
+    section, name = key.split(".")
+    tp = typing.get_type_hints(type(getattr(RunConfig(), section)))[name]
+    value = yaml.safe_load(raw)
+    got = re.escape(repr(float(value) if float in (tp, *typing.get_args(tp)) else value))
+    with pytest.raises(ConfigError, match=rf"^config key '{key}' must be {valid}.*, got {got}$"):
+        build_config({}, parse_overrides([f"--{key}", raw]))
+
+
+def test_ranges_that_depend_on_another_key():
+    with pytest.raises(ConfigError, match=r"'eval\.num_images' must be >= 1 while eval\.every is 3, got 0"):
+        build_config(DIGITS, parse_overrides(["--eval.every", "3", "--eval.num_images", "0"]))
+    assert build_config(DIGITS, parse_overrides(["--eval.every", "0", "--eval.num_images", "0"])).eval.num_images == 0
+    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be a non-empty list.*lora\.enabled is true"):
+        build_config(DIGITS, parse_overrides(["--lora.target_modules", "[]"]))
+    build_config(DIGITS, parse_overrides(["--lora.enabled", "false", "--lora.target_modules", "[]"]))
+
+
+@pytest.mark.parametrize("weights", ["{pickscore: 0}", "{clip_score: 0.0, hpsv2: -0.0}", "{}"])
+def test_reward_weights_need_a_non_zero_weight(weights):
+    with pytest.raises(ConfigError, match=r"^config key 'reward\.weights' must be a mapping with at least one "
+                                          r"non-zero weight.*, got \{"):
+        build_config({}, parse_overrides(["--reward.weights", weights]))
+
+
+def test_edge_values_that_runs_use_are_valid():
+    cfg = build_config(DIGITS, parse_overrides([
+        "--train.grad_clip", "0", "--train.weight_decay", "0", "--train.adam_beta1", "0",
+        "--sampling.churn_weight", "0", "--sampling.guidance_scale", "0.5", "--sampling.shift", "1.5",
+        "--checkpoint.every", "0", "--eval.every", "0", "--log.plot_every", "0", "--log.grid_pairs", "0",
+        "--grpo.train_steps", "1", "--grpo.group_size", "2", "--reward.weights.digit_probability", "-1",
+        "--model.resolution", "32"]))
+    assert cfg.train.grad_clip == 0 and cfg.sampling.shift == 1.5 and cfg.model.resolution == 32
