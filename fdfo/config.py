@@ -4,9 +4,9 @@ The dataclass defaults are the published FDFO recipe for SD3.5 Medium
 (ALGORITHM.md §4-5). A built-in task's default job is a preset on top of them
 (``--config builtin:digits``, ``fdfo.tasks.preset``).
 
-Every unknown key and badly typed or out-of-range value is a ``ConfigError``
-that names the key and says what is valid, so a typo never silently falls back
-to a default.
+Every unknown key, badly typed or out-of-range value and unknown reward name is a
+``ConfigError`` that names the key and says what is valid, so a typo never
+silently falls back to a default.
 
 Layers apply in order: defaults, the preset or YAML file, the CLI overrides. A
 mapping given whole (``reward: {weights: {pickscore: 1.0}}`` in a file, or
@@ -19,6 +19,7 @@ CLI key that reaches into a mapping changes one entry and keeps the others:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -371,8 +372,21 @@ def _floats(obj: Any, prefix: str = ""):
             yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
 
 
+def _check_reward_names(cfg: RunConfig) -> None:
+    from fdfo.rewards import reward_factories  # (imported here: it imports torch)
+
+    valid = sorted(reward_factories())
+    for key, names in (("reward.weights", cfg.reward.weights), ("eval.metrics", cfg.eval.metrics)):
+        for name in names:
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"config key '{key}' names unknown reward '{name}'{hint}; "
+                                  f"valid rewards: {', '.join(valid)}")
+
+
 def _validate(cfg: RunConfig) -> None:
-    """Start-up checks: finite floats, every value in its range, and the algorithm's own checks.
+    """Start-up checks: finite floats, every value in its range, known reward names, and the algorithm's own checks.
 
     The epoch layout (whether the batch sizes divide) depends on the number of ranks and
     is checked when the trainer starts (``Algorithm.layout_for``)."""
@@ -388,6 +402,7 @@ def _validate(cfg: RunConfig) -> None:
         if on and not rule.ok(value):
             raise ConfigError(f"config key '{key}' must be {rule.valid} while {switch} is {json.dumps(on)}, "
                               f"got {value!r}")
+    _check_reward_names(cfg)
     from fdfo import algorithms  # (imported here: the algorithms import this module)
 
     algorithms.get(cfg.train.algorithm).check(cfg)

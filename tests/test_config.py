@@ -271,3 +271,17 @@ def test_edge_values_that_runs_use_are_valid():
         "--grpo.train_steps", "1", "--grpo.group_size", "2", "--reward.weights.digit_probability", "-1",
         "--model.resolution", "32"]))
     assert cfg.train.grad_clip == 0 and cfg.sampling.shift == 1.5 and cfg.model.resolution == 32
+
+
+# --------------------------------------------------------------------------- reward names
+
+
+def test_unknown_reward_names_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^config key 'reward\.weights' names unknown reward 'digit_probabilty' "
+                                          r"\(did you mean 'digit_probability'\?\); valid rewards: clip_score, "):
+        build_config(DIGITS, parse_overrides(["--reward.weights", "{digit_probabilty: 1}"]))
+    with pytest.raises(ConfigError, match=r"'eval\.metrics' names unknown reward 'clip_scor' \(did you mean "
+                                          r"'clip_score'\?\).*digit_judge_accuracy"):
+        build_config(DIGITS, parse_overrides(["--eval.metrics", "digit_probability,clip_scor"]))
+    with pytest.raises(ConfigError, match=r"names unknown reward 'aesthetic'; valid rewards: .*vlm_alignment$"):
+        build_config({}, parse_overrides(["--reward.weights.aesthetic", "0.5"]))
