@@ -74,8 +74,18 @@ def fsync_tree(root: str | os.PathLike) -> None:
             _fsync_file(path)
 
 
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give every file under ``root`` the mode a plain open() gives (0666 minus the umask): some writers
+    (safetensors, tempfile) create 0600 files, which other users of a shared run directory cannot read."""
+    mode = 0o666 & ~_umask()
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move the completed directory ``tmp`` to ``final``, replacing any directory there.
+    """Move the completed directory ``tmp`` to ``final``, replacing any directory there; its files get
+    the modes the umask gives.
 
     The old directory is renamed aside first and deleted only once the new one is in place,
     so at every moment either the old or the new directory exists under ``final``'s name
@@ -83,6 +93,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(final.name + ".old")
+    follow_umask(tmp)
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -44,3 +44,23 @@ def test_write_text_and_replace_dir(tmp_path):
     (tmp_path / "epoch_0002.tmp").mkdir()
     atomic.replace_dir(tmp_path / "epoch_0002.tmp", final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0002", "latest"]
+
+
+def test_replace_dir_gives_files_the_umask_mode(tmp_path):
+    """safetensors writes its files 0600; a directory moved into place follows the umask like a plain write."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = tmp_path / "out.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    save_file({"w": torch.randn(3)}, str(tmp / "sub" / "w.safetensors"))
+    (tmp / "plain.txt").write_text("x")
+    old = os.umask(0o027)
+    try:
+        atomic.replace_dir(tmp, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes == {"w.safetensors": 0o640, "plain.txt": 0o640}
