@@ -67,8 +67,12 @@ def test_epoch_layout_divisibility():
     assert layout.elements_per_rank == 2 * 64 * 10 and layout.grad_accum * 80 * 4 == 1280
     assert fdfo.layout_for(cfg, world_size=2).elements_per_rank == 2 * 32 * 10
     bad = build_config(DIGITS, {"train": {"micro_batch_rows": 7}})
-    with pytest.raises(ConfigError, match=r"micro_batch_rows=7 must divide the 320 elements.*valid values"):
+    with pytest.raises(ConfigError, match=r"micro_batch_rows=7 must divide the 320 elements.*nearest to 7: "
+                                          r"\[1, 2, 4, 5, 8, 10, 16, 20\]"):
         fdfo.layout_for(bad, 1)
+    # The list reaches the large valid values a GPU config uses (SD3.5's 8,640 elements per step: 80 is one).
+    assert "80" in str(pytest.raises(ConfigError, fdfo.layout_for,
+                                     build_config(DIGITS, {"train": {"micro_batch_rows": 81}}), 1).value)
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
         fdfo.layout_for(cfg, 3)
     grpo = build_config(DIGITS, {"train": {"algorithm": "flow_grpo", "micro_batch_rows": 6},
@@ -79,7 +83,11 @@ def test_epoch_layout_divisibility():
     assert (layout.rows_per_rank, layout.elements_per_rank, layout.elements_per_step, layout.grad_accum) == \
         (12, 108, 54, 9)
     grpo.train.micro_batch_rows = 12
-    with pytest.raises(ConfigError, match="108 Flow-GRPO training elements"):
+    with pytest.raises(ConfigError, match="micro_batch_rows=12 must divide the 54 Flow-GRPO training elements.*"
+                                          r"\[1, 2, 3, 6, 9, 18, 27, 54\]"):
+        algorithms.get("flow_grpo").layout_for(grpo, world_size=2)
+    grpo.grpo.optimizer_steps_per_epoch = 5
+    with pytest.raises(ConfigError, match="108 Flow-GRPO training elements .* into grpo.optimizer_steps_per_epoch=5"):
         algorithms.get("flow_grpo").layout_for(grpo, world_size=2)
 
 

@@ -37,6 +37,13 @@ from fdfo.models import Conditioning
 MicroLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
+def valid_values(n: int, given: int, count: int = 8) -> str:
+    """The divisors of ``n`` nearest to ``given``, for an error message about a size that must divide ``n``."""
+    divisors = [m for m in range(1, n + 1) if n % m == 0]
+    near = sorted(sorted(divisors, key=lambda m: (abs(m - given), m))[:count])
+    return f"the valid values nearest to {given}: {near} (every divisor of {n} is valid)"
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, index, stream): stable across runs and resumes."""
     h = 0x9E3779B97F4A7C15

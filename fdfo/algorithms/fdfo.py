@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed, kernels
-from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, rows_of
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, rows_of, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 from fdfo.sampling import churn_schedule, sample_pairs
@@ -49,9 +49,8 @@ class FDFO(Algorithm):
                               f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
         per_step = elements // t.optimizer_steps_per_epoch
         if per_step % t.micro_batch_rows:
-            divisors = [m for m in range(1, min(per_step, 64) + 1) if per_step % m == 0]
             raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
-                              f"of each optimizer step per rank; valid values up to 64: {divisors}")
+                              f"of each optimizer step per rank; {valid_values(per_step, t.micro_batch_rows)}")
         return Layout(rows_per_rank=2 * pairs_per_rank, elements_per_rank=elements,
                       optimizer_steps=t.optimizer_steps_per_epoch, micro_batch_rows=t.micro_batch_rows)
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed
-from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, rows_of
+from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, rows_of, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 
@@ -121,10 +121,14 @@ class FlowGRPO(Algorithm):
                               f"{world_size}")
         images = g.groups_per_epoch // world_size * g.group_size
         elements = images * train_steps(cfg)
-        if elements % g.optimizer_steps_per_epoch or (elements // g.optimizer_steps_per_epoch) % mb:
+        if elements % g.optimizer_steps_per_epoch:
             raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x grpo.train_steps) must "
-                              f"split into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} steps of "
-                              f"train.micro_batch_rows={mb}")
+                              f"split into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} equal steps; "
+                              f"{valid_values(elements, g.optimizer_steps_per_epoch)}")
+        if (elements // g.optimizer_steps_per_epoch) % mb:
+            raise ConfigError(f"train.micro_batch_rows={mb} must divide the {elements // g.optimizer_steps_per_epoch} "
+                              f"Flow-GRPO training elements of each optimizer step per rank; "
+                              f"{valid_values(elements // g.optimizer_steps_per_epoch, mb)}")
         return Layout(rows_per_rank=images, elements_per_rank=elements, optimizer_steps=g.optimizer_steps_per_epoch,
                       micro_batch_rows=mb)
 
