@@ -35,7 +35,12 @@ STATE_TAG = "state"
 UNIVERSAL_TAG = "state_universal"  # the same state, converted for another number of ranks
 UNIVERSAL_TIMEOUT = datetime.timedelta(hours=6)  # how long ranks wait for rank 0's conversion
 LATEST = "latest"
+TRAINER_FILE = "trainer.json"  # epoch, step, ZeRO stage and the run config, readable without DeepSpeed
 _NAME = re.compile(r"^epoch_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the cause and the checkpoint still usable."""
 
 
 class CheckpointManager:
@@ -58,42 +63,69 @@ class CheckpointManager:
         pointer = self.root / LATEST
         return self.root / pointer.read_text().strip() if pointer.is_file() else None
 
-    def find(self, resume: str) -> Path | None:
-        """``--resume auto`` = this run's latest checkpoint (None if there is none), else a path."""
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume '{resume}' does not exist; give a checkpoint directory "
-                                    "(runs/<name>/checkpoints/epoch_XXXX) or 'auto'")
-        return path
-
     # ------------------------------------------------------------------ save
 
     def save(self, epoch: int, trainer_state: dict) -> Path:
-        """Atomically writes the checkpoint of ``epoch``, points ``latest`` at it and prunes old ones."""
+        """Atomically writes the checkpoint of ``epoch``, points ``latest`` at it and prunes old ones.
+
+        A failed write (a full disk, a lost mount) removes the partial ``.tmp`` and raises a
+        ``CheckpointError`` that says what failed and which checkpoint is still the latest."""
         directory = self.path(epoch)
         tmp = directory.with_name(directory.name + ".tmp")
+        error = None
+        try:
+            if distributed.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            distributed.barrier()
+            self.engine.save_state(tmp, STATE_TAG, dict(trainer_state, rng=rng_state()))
+            self.engine.export(tmp)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+            error = exc
+        # Every rank learns of a failure on any rank, so none waits for the others at a barrier.
+        if distributed.sum_over_ranks([error is not None])[0]:
+            if distributed.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(self._failure(directory, error))
         if distributed.rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distributed.barrier()
-        self.engine.save_state(tmp, STATE_TAG, dict(trainer_state, rng=rng_state()))
-        self.engine.export(tmp)
-        if distributed.rank() == 0:
-            (tmp / "trainer.json").write_text(json.dumps(
-                {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
-            atomic.replace_dir(tmp, directory)
-            atomic.write_text(self.root / LATEST, directory.name)
+            try:
+                atomic.write_text(tmp / TRAINER_FILE, json.dumps(
+                    {k: v for k, v in trainer_state.items() if k != "history"}, indent=1))
+                atomic.replace_dir(tmp, directory)
+                atomic.write_text(self.root / LATEST, directory.name)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(self._failure(directory, exc)) from exc
             self.prune()
         distributed.barrier()
         return directory
 
+    def _failure(self, directory: Path, error: BaseException | None) -> str:
+        latest = self.latest()
+        if error is None:
+            what = "on another rank"
+        else:
+            what = (f"{error.strerror} ({error.filename or directory})" if isinstance(error, OSError) and
+                    error.strerror else str(error).strip().splitlines()[-1])
+        try:
+            free = f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on its file system"
+        except OSError:
+            free = ""
+        kept = f"the latest checkpoint is still '{latest}'" if latest else "no earlier checkpoint exists"
+        return (f"writing checkpoint '{directory}' failed: {what}{free}. Nothing partial was left; {kept}. "
+                "Free space (or fix the directory) and continue with --resume")
+
     def prune(self) -> list[Path]:
-        """Delete all but the newest ``keep_last`` complete checkpoints (0 = keep all); never the one
-        ``latest`` names. Returns what was deleted."""
-        for stale in self.root.glob("*.deleting"):  # what a crash in the middle of a deletion left
-            shutil.rmtree(stale, ignore_errors=True)
+        """Delete all but the newest ``keep_last`` complete checkpoints (0 = keep all), never the one
+        ``latest`` names, and whatever an interrupted save left. Returns the checkpoints deleted."""
+        # What a killed save or deletion left: *.tmp (an unfinished checkpoint or `latest`), *.old (the
+        # instant between two renames), *.deleting (a half-done deletion). The save that calls this is done.
+        for pattern in ("*.tmp", "*.old", "*.deleting"):
+            for stale in self.root.glob(pattern):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         if not self.keep_last:
             return []
         found = self.checkpoints()

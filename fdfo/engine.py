@@ -43,29 +43,41 @@ def deepspeed_config(cfg, layout, world_size: int, bf16: bool = False) -> dict:
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed.config:
-        path = Path(cfg.deepspeed.config)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed.config '{path}' does not exist; see configs/ds/ "
-                              "(zero2.json, zero3.json, zero3_offload.json)")
-        try:
-            extra = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"deepspeed.config '{path}' is not valid JSON: {exc}") from exc
+        path, extra = Path(cfg.deepspeed.config), _read_ds_file(cfg)
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             if key in extra and extra[key] not in ("auto", ds[key]):
                 raise ConfigError(f"{path}: '{key}' is {extra[key]} but the run config gives {ds[key]} "
                                   "(train.micro_batch_rows and the epoch layout); remove it or set it to \"auto\"")
             extra.pop(key, None)
         ds.update(extra)
-    zero = ds.setdefault("zero_optimization", {})
-    file_stage, run_stage = zero.get("stage"), cfg.deepspeed.zero_stage
-    if file_stage is not None and run_stage is not None and file_stage != run_stage:
-        raise ConfigError(f"deepspeed.zero_stage={run_stage} contradicts stage {file_stage} in "
-                          f"{cfg.deepspeed.config}; set one of them")
-    zero["stage"] = run_stage if run_stage is not None else (file_stage or 0)
+    ds.setdefault("zero_optimization", {})["stage"] = zero_stage(cfg)
     if bf16:
         ds.setdefault("bf16", {"enabled": True})
     return ds
+
+
+def _read_ds_file(cfg) -> dict:
+    """The JSON of ``deepspeed.config`` ({} without one)."""
+    if not cfg.deepspeed.config:
+        return {}
+    path = Path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config '{path}' does not exist; see configs/ds/ "
+                          "(zero2.json, zero3.json, zero3_offload.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config '{path}' is not valid JSON: {exc}") from exc
+
+
+def zero_stage(cfg) -> int:
+    """The run's ZeRO stage: deepspeed.zero_stage, else the stage in deepspeed.config, else 0."""
+    file_stage = (_read_ds_file(cfg).get("zero_optimization") or {}).get("stage")
+    run_stage = cfg.deepspeed.zero_stage
+    if file_stage is not None and run_stage is not None and file_stage != run_stage:
+        raise ConfigError(f"deepspeed.zero_stage={run_stage} contradicts stage {file_stage} in "
+                          f"{cfg.deepspeed.config}; set one of them")
+    return run_stage if run_stage is not None else (file_stage or 0)
 
 
 def offload_device(ds_config: dict, what: str) -> str | None:
@@ -217,6 +229,15 @@ class Engine:
     def step(self) -> None:
         """Optimizer step at the gradient-accumulation boundary (DeepSpeed counts the micro-batches)."""
         self.module.step()
+
+    def set_hyperparameters(self, t) -> None:
+        """The optimizer hyperparameters of ``train`` (``t``) on every parameter group.
+
+        A loaded optimizer state brings the values it was saved with; the run config is the one
+        source of them, so a resume with another learning rate trains with that rate."""
+        for group in self.module.optimizer.param_groups:
+            group.update(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                         weight_decay=t.weight_decay)
 
     def grad_norm(self) -> float | None:
         norm = self.module.get_global_grad_norm()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fdfo import tasks
+from fdfo.config import ConfigError
 
 
 def load_prompts(spec: str) -> list[str]:
     """Prompts of a built-in task (``builtin:digits``) or of a UTF-8 text file (one per line;
-    blank lines and #-comments skipped)."""
+    blank lines and #-comments skipped). A file that is missing is a FileNotFoundError; one that
+    is not UTF-8 or holds no prompt is a ConfigError (a ValueError) naming it."""
     if tasks.is_builtin(spec):
         return tasks.prompts(spec)
     path = Path(spec).expanduser()
@@ -20,10 +22,10 @@ def load_prompts(spec: str) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ValueError(f"prompt file '{spec}' is not UTF-8 text (bad byte on line {line}); "
+        raise ConfigError(f"prompt file '{spec}' is not UTF-8 text (bad byte on line {line}); "
                          "save it as UTF-8 with one prompt per line") from exc
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file '{spec}' holds no prompts; put one prompt per line")
+        raise ConfigError(f"prompt file '{spec}' holds no prompts; put one prompt per line")
     return prompts

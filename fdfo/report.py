@@ -7,6 +7,7 @@ Only rank 0 writes. Every line of metrics.jsonl is one JSON object with a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,18 @@ class RunReport:
         if not self.enabled:
             return
         path = self.out_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        keep = [line for line in lines if line and json.loads(line).get("epoch", 0) <= epoch]
+        lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        keep, torn = [], 0
+        for line in filter(None, lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short (a full disk, a killed process): dropped
+                torn += 1
+                continue
+            if record.get("epoch", 0) <= epoch:
+                keep.append(line)
+        if torn:
+            warnings.warn(f"{path}: dropped {torn} incomplete line(s) that an interrupted write left")
         self._file.seek(0)
         self._file.truncate()
         self._file.write("".join(line + "\n" for line in keep))

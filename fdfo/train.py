@@ -30,8 +30,13 @@ def parse_args(argv: list[str]):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_JOB,
                         help=f"YAML run config, or a built-in task's default job (default: {DEFAULT_JOB})")
-    parser.add_argument("--resume", nargs="?", const="auto",
-                        help="checkpoint directory, or 'auto' (default when given bare) for the run's latest")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="auto",
+                       help="continue a run: a checkpoint or run directory, or 'auto' (the default when given "
+                            "bare) for log.out_dir's latest checkpoint; a new run when it has none yet")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a log.out_dir that holds a run: the old run is moved aside to "
+                            "<out_dir>.replaced-<time>")
     parser.add_argument("--algorithm", help="shorthand for --train.algorithm (flow_grpo: the Flow-GRPO baseline)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -60,15 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.config == DEFAULT_JOB:
         print(f"[fdfo] running the built-in default job ({DEFAULT_JOB}; --config FILE.yaml for your own)",
               flush=True)
-    from fdfo.trainer import Trainer
+    from fdfo import interrupts
+    from fdfo.checkpoint import CheckpointError
+    from fdfo.run_dir import RunComplete
+    from fdfo.trainer import Trainer, TrainingError
 
+    interrupts.install()
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.run()
-    except (FileNotFoundError, ConfigError, FloatingPointError) as exc:
+    except RunComplete as exc:
+        print(f"[fdfo] {exc}", flush=True)
+        return 0
+    except KeyboardInterrupt as exc:
+        print(f"fdfo: stopped by {str(exc) or 'SIGINT'}; {_last_checkpoint(cfg)}", file=sys.stderr)
+        return interrupts.exit_code(exc)
+    except (FileNotFoundError, ConfigError, FloatingPointError, CheckpointError, TrainingError) as exc:
         print(f"fdfo: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _last_checkpoint(cfg) -> str:
+    """Where an interrupted run can continue from."""
+    from pathlib import Path
+
+    from fdfo.checkpoint import LATEST
+
+    pointer = Path(cfg.log.out_dir) / "checkpoints" / LATEST
+    if pointer.is_file():
+        return f"the last complete checkpoint is '{pointer.parent / pointer.read_text().strip()}': continue with --resume"
+    return "no checkpoint was written yet"
 
 
 if __name__ == "__main__":

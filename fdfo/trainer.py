@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import algorithms, distributed
+from fdfo import algorithms, distributed, run_dir
 from fdfo.algorithms.base import Policy, derive_seed
 from fdfo.checkpoint import CheckpointManager
 from fdfo.config import RunConfig
@@ -34,14 +34,24 @@ from fdfo.sampling import sample_deterministic
 SHUFFLE_STREAM = 7  # derive_seed stream of the epoch's global permutation
 
 
+class TrainingError(RuntimeError):
+    """The run could not train (e.g. every epoch's rewards were non-finite); the message says why."""
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False):
+        """``resume``: None, "auto" or a checkpoint / run directory; ``overwrite``: move an existing run
+        in log.out_dir aside (``fdfo.run_dir``). Everything a user can get wrong is checked before
+        any model is loaded."""
         self.cfg = cfg
         self.device = distributed.init()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         algorithm = algorithms.get(cfg.train.algorithm)
         self.layout = algorithm.layout_for(cfg, self.world_size)
-        self.out_dir = Path(cfg.log.out_dir)
+        self.prompts = load_prompts(cfg.data.prompts)
+        self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
+        start = run_dir.prepare(cfg, resume, overwrite)
+        self.out_dir = start.out_dir
         self.progress = cfg.log.progress and self.rank == 0
         torch.manual_seed(cfg.train.seed)
 
@@ -56,8 +66,6 @@ class Trainer:
             self.eval_metrics = {name: build_reward(name, cfg.reward.paths.get(name), reward_device,
                                                     cfg.model.cache_dir, batch_size=cfg.reward.batch_size)
                                  for name in cfg.eval.metrics}
-        self.prompts = load_prompts(cfg.data.prompts)
-        self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
         if cfg.lora.enabled:
             self.model.add_lora(cfg.lora)
         else:
@@ -69,13 +77,14 @@ class Trainer:
 
         self.epoch, self.global_step = 0, 0
         self.checkpoints = CheckpointManager(self.out_dir, cfg.checkpoint, self.engine)
-        checkpoint = self.checkpoints.find(resume) if resume else None
-        self.report = RunReport(self.out_dir, cfg, enabled=self.rank == 0, resumed=checkpoint is not None)
-        if checkpoint is not None:
-            state = self.checkpoints.load(checkpoint)
+        self.report = RunReport(self.out_dir, cfg, enabled=self.rank == 0, resumed=start.checkpoint is not None)
+        if start.checkpoint is not None:
+            state = self.checkpoints.load(start.checkpoint)
+            self.engine.set_hyperparameters(cfg.train)  # the run config's, not the ones saved with the state
             self.epoch, self.global_step = state["epoch"], state["global_step"]
             self.report.resume(state["history"], self.epoch)
-            distributed.print0(f"resumed from {checkpoint} at epoch {self.epoch}")
+            distributed.print0(f"resumed from {start.checkpoint} at epoch {self.epoch} (learning rate "
+                               f"{cfg.train.learning_rate:g})")
 
     # ------------------------------------------------------------------ the epoch
 
@@ -207,6 +216,7 @@ class Trainer:
             if not torch.isfinite(p).all():
                 raise FloatingPointError("refusing to write a checkpoint with non-finite weights")
         path = self.checkpoints.save(self.epoch, {"epoch": self.epoch, "global_step": self.global_step,
+                                                  "zero_stage": self.engine.zero_stage,
                                                   "history": self.report.history, "config": self.cfg.to_dict()})
         distributed.print0(f"checkpoint written: {path}")
         return path
@@ -215,8 +225,10 @@ class Trainer:
         cfg = self.cfg
         if self.epoch == 0 and cfg.eval.every:
             distributed.print0("base model: " + self._summary(self.evaluate(0)))
+        trained = 0
         for epoch in range(self.epoch, cfg.train.epochs):
             rec = self.train_epoch(epoch)
+            trained += not rec["skipped"]
             self.epoch = epoch + 1
             last = self.epoch == cfg.train.epochs
             distributed.print0(self._summary(rec))
@@ -227,6 +239,10 @@ class Trainer:
             if self.checkpoints.due(self.epoch, last):
                 self.save_checkpoint()
         self.report.close()
+        if not trained:
+            raise TrainingError(f"every epoch of this run ({self.epoch} of train.epochs={cfg.train.epochs}) was "
+                                "skipped for non-finite rewards: nothing was trained. The warnings above name the "
+                                "reward and prompts; check reward.weights and the reward models")
         return self.report.history
 
     def _summary(self, record: dict) -> str:

@@ -104,7 +104,7 @@ def test_two_epochs_checkpoint_exact_resume_and_adapter(tmp_path, tiny_pipeline_
 def test_nan_rewards_skip_the_batch_and_checkpoints_stay_finite(tmp_path, tiny_pipeline_dir, digit_reward_dir,
                                                                monkeypatch):
     from fdfo import rewards
-    from fdfo.trainer import Trainer
+    from fdfo.trainer import Trainer, TrainingError
 
     def nan_reward(path, cache_dir, device, **options):
         def score(prompts, images):
@@ -118,9 +118,9 @@ def test_nan_rewards_skip_the_batch_and_checkpoints_stay_finite(tmp_path, tiny_p
                    reward={"weights": {"nan_reward": 1.0}, "paths": {}}, eval={"every": 0, "metrics": []})
     t = Trainer(cfg)
     before = lora_weights(t)
-    with pytest.warns(UserWarning, match="non-finite reward"):
-        history = t.run()
-    (epoch,) = [r for r in history if r["kind"] == "epoch"]
+    with pytest.warns(UserWarning, match="non-finite reward"), pytest.raises(TrainingError, match="skipped"):
+        t.run()  # its only epoch was skipped: the run reports that it trained nothing
+    (epoch,) = [r for r in t.report.history if r["kind"] == "epoch"]
     assert epoch["skipped"] is True and epoch["nonfinite_rewards"] == 1
     after = lora_weights(t)
     assert all(torch.equal(before[k], after[k]) for k in before)
