@@ -25,6 +25,12 @@ writes ``--out``: ``results.json`` (settings, each metric for base and
 checkpoint and their difference, per-prompt values), ``report.png`` and
 ``report.html`` (base | checkpoint images of the first ``--report-prompts``
 prompts, with their scores) and ``images/{base,checkpoint}/``.
+
+A mistake on the command line (a prompt file that is missing, empty or not
+UTF-8, an ``--out`` that cannot be written, an unknown metric, a checkpoint of
+another base model, a number out of range) is one line on stderr and exit
+status 1 on every rank, found before any model is loaded (a resolution the
+model cannot take: once it is loaded, before any sampling or metric model).
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from pathlib import Path
 import torch
 
 from fdfo import atomic, distributed
-from fdfo.generate import (Checkpoint, apply_checkpoint, generate_images, image_grid, resolve_checkpoint, setup,
-                           to_pil)
+from fdfo.generate import (Checkpoint, apply_checkpoint, check_args, check_device, check_model, generate_images,
+                           image_grid, load_model, prepare_out_dir, read_prompts, resolve, to_pil)
 from fdfo.rewards import RewardUnavailable, build_reward, report_nonfinite
 
 PUBLISHED_METRICS = ["pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "diversity"]
@@ -187,7 +193,7 @@ def write_report(out: Path, prompts: list[str], seeds: list[int], variants: dict
                 row.append(img), cap.append(text), cell.append((name, text))
         rows.append(row), captions.append(cap), cells.append(cell)
     cols = [f"{v} seed {seeds[r]}" for v in variants for r in range(shown_r)]
-    if rows:
+    if any(rows):
         image_grid(rows, prompts[:shown_p], cols, captions=captions).save(out / "report.png")
 
     esc = html.escape
@@ -260,9 +266,13 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fdfo.prompts import load_prompts
-
     args = parse_args(argv)
+    try:  # the same on every rank: each stops here with the same message
+        check_args(args)
+        check_device(args.reward_device, "--reward-device")
+    except ValueError as exc:
+        print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
+        return 1
     created = not torch.distributed.is_initialized()
     device = distributed.init(deepspeed=False)  # a process group only under a multi-rank launcher
     if args.device is None and device.type == "cuda":
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device and args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
     try:
-        return _run(args, distributed.rank(), distributed.world_size(), load_prompts)
+        return _run(args, distributed.rank(), distributed.world_size())
     except (FileNotFoundError, ValueError) as exc:
         print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
         return 1
@@ -279,26 +289,70 @@ def main(argv: list[str] | None = None) -> int:
             distributed.close()
 
 
-def _run(args, rank: int, world: int, load_prompts) -> int:
-    t0 = time.time()
-    prompts = load_prompts(args.prompts) if args.prompts else list(args.prompt)
+def _prepare(args, rank: int) -> tuple:
+    """Everything about the command line that can be checked before a model is loaded: prompts, numbers,
+    metric names, checkpoint, base model, and (on rank 0, which writes it) the output directory."""
+    prompts = read_prompts(args)
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
-    if args.metrics and DIVERSITY in args.metrics and args.repeats < 2:
-        raise ValueError("the diversity metric compares the repeats of a prompt: give --repeats 2 or more")
-    ckpt = resolve_checkpoint(args.adapter) if args.adapter else None
+    for flag in ("report_prompts", "report_repeats"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
+    if args.no_base and not args.adapter:
+        raise ValueError("--no-base leaves nothing to evaluate without --adapter; give a checkpoint or drop --no-base")
+    ckpt, settings = resolve(args)
     run = ckpt.run_config if ckpt else None
     names = args.metrics or (list(dict.fromkeys([*run["reward"]["weights"], *run["eval"]["metrics"]])) if run
                              else PUBLISHED_METRICS)
+    _check_metric_names(names)
+    if args.metrics and DIVERSITY in args.metrics and args.repeats < 2:
+        raise ValueError("the diversity metric compares the repeats of a prompt: give --repeats 2 or more")
     paths = dict(run["reward"]["paths"]) if run else {}
     for spec in args.path:
         name, eq, value = spec.partition("=")
-        if not eq:
+        if not eq or not name or not value:
             raise ValueError(f"--path '{spec}' must look like NAME=DIR")
+        if name not in names:
+            raise ValueError(f"--path '{spec}' names metric '{name}', which is not evaluated here "
+                             f"({', '.join(names)}); check its spelling or add it to --metrics")
         paths[name] = value
+    out = prepare_out_dir(args.out) if rank == 0 else Path(args.out)
+    return prompts, ckpt, settings, names, paths, out
+
+
+def _check_metric_names(names: list[str]) -> None:
+    from fdfo.rewards import reward_factories
+
+    known = [*sorted(reward_factories()), DIVERSITY]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown metric '{unknown[0]}'; available metrics: {', '.join(known)}")
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error, on every rank (each rank takes part, failed or not: no rank waits alone)."""
+    if not distributed.active():
+        return error
+    errors: list[str | None] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _run(args, rank: int, world: int) -> int:
+    t0 = time.time()
+    error = None
+    try:
+        prompts, ckpt, settings, names, paths, out = _prepare(args, rank)
+    except (FileNotFoundError, ValueError) as exc:
+        error = str(exc)
+    error = _first_error(error)
+    if error:
+        raise ValueError(error)
 
     with distributed.rank0_first():  # built-in models and weights are created once, by rank 0
-        model, ckpt, settings = setup(args)
+        model = load_model(args, settings)
+    check_model(model, ckpt, settings)  # on every rank alike, before the metrics are loaded and anything sampled
+    with distributed.rank0_first():
         metrics, notes = build_metrics(names, paths, model.device, batch_size=args.reward_batch_size,
                                        cache_dir=settings["cache_dir"], reward_device=args.reward_device)
     seeds = [args.seed + r for r in range(args.repeats)]
@@ -311,8 +365,6 @@ def _run(args, rank: int, world: int, load_prompts) -> int:
         apply_checkpoint(model, ckpt)
         variants["checkpoint"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
     if rank == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         results = results_json(prompts, seeds, settings, ckpt, notes, variants, world, time.time() - t0)
         atomic.write_text(out / "results.json", json.dumps(_finite_or_null(results), indent=1, allow_nan=False))
         write_report(out, prompts, seeds, variants, results)

@@ -16,6 +16,12 @@ whatever the batch size or the other prompts.
 
 Output in ``--out``: ``grid.png`` (one row per prompt, one column per seed),
 ``images/pPPPP_sSEED.png`` and ``generation.json`` (settings and file list).
+
+A mistake on the command line (a prompt file that is missing, empty or not
+UTF-8, an ``--out`` that cannot be written, a checkpoint of another base model,
+a number out of range) is one line on stderr and exit status 1, found before
+the model is loaded (a resolution the model cannot take: once it is loaded,
+before any sampling).
 """
 
 from __future__ import annotations
@@ -23,18 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fdfo import tasks
 from fdfo.models import Conditioning, SD3FlowModel, load_flow_model
 from fdfo.sampling import sample_deterministic
 
 PUBLISHED = {"steps": 40, "guidance": 1.0, "max_sequence_length": 128, "resolution": None}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -58,9 +67,9 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         return resolve_checkpoint(path / "checkpoints" / latest.read_text().strip())
-    if (path / "pytorch_lora_weights.safetensors").is_file():
+    if (path / LORA_FILE).is_file():
         return Checkpoint("lora", path, _run_config(path.parent))
-    if (path / "adapter" / "pytorch_lora_weights.safetensors").is_file():
+    if (path / "adapter" / LORA_FILE).is_file():
         return Checkpoint("lora", path / "adapter", _run_config(path))
     if (path / "transformer" / "config.json").is_file():
         return Checkpoint("full", path / "transformer", _run_config(path))
@@ -71,23 +80,146 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 def _run_config(checkpoint_dir: Path) -> dict | None:
     for candidate in (checkpoint_dir / "trainer.json", checkpoint_dir.parent.parent / "config.json"):
         if candidate.is_file():
-            data = json.loads(candidate.read_text())
+            try:
+                data = json.loads(candidate.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"'{candidate}' is not valid JSON ({exc}); restore it from the run "
+                                 "directory, or remove it and give --model") from exc
+            if not isinstance(data, dict):
+                continue
             data = data.get("config", data)
             if isinstance(data, dict) and "model" in data:
                 return data
     return None
 
 
-def apply_checkpoint(model: SD3FlowModel, ckpt: Checkpoint) -> None:
-    """Load the trained weights into the model: LoRA through diffusers, or the whole transformer."""
-    if ckpt.kind == "lora":
-        model.pipe.load_lora_weights(str(ckpt.path))
-    else:
-        from diffusers import SD3Transformer2DModel
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose weights do not fit the base model: it was trained on another one."""
 
-        state = SD3Transformer2DModel.from_pretrained(str(ckpt.path)).state_dict()
-        model.transformer.load_state_dict(state)
+
+def apply_checkpoint(model: SD3FlowModel, ckpt: Checkpoint) -> None:
+    """Load the trained weights into the model: LoRA through diffusers, or the whole transformer.
+
+    Weights that do not fit the model (a checkpoint of another base model) raise CheckpointMismatch;
+    ``check_checkpoint`` finds most such cases before any sampling.
+    """
+    try:
+        if ckpt.kind == "lora":
+            model.pipe.load_lora_weights(str(ckpt.path))
+        else:
+            from diffusers import SD3Transformer2DModel
+
+            state = SD3Transformer2DModel.from_pretrained(str(ckpt.path)).state_dict()
+            model.transformer.load_state_dict(state)
+    except CheckpointMismatch:
+        raise
+    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's "size mismatch for ..." list
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointMismatch(mismatch_message(ckpt, model.path, f"loading failed: {first}")) from exc
     model.transformer.requires_grad_(False).eval()
+
+
+def mismatch_message(ckpt: Checkpoint, model_name: str, problem: str) -> str:
+    """One line: the checkpoint, the base model, what differs, and the fix."""
+    trained_on = ((ckpt.run_config or {}).get("model") or {}).get("path")
+    if trained_on and trained_on != model_name:
+        fix = f"use the base model it was trained on: --model {trained_on}"
+    elif trained_on:
+        fix = (f"its run was trained on '{trained_on}', but the model found there now is another one; "
+               "give the base model it was trained on with --model")
+    else:
+        fix = ("use the base model it was trained on (--model; its run's config.json names it as model.path)")
+    return f"checkpoint '{ckpt.path}' does not fit base model '{model_name}' ({problem}); {fix}"
+
+
+def check_checkpoint(transformer: nn.Module, ckpt: Checkpoint, model_name: str) -> None:
+    """Raise CheckpointMismatch when the checkpoint's weights do not fit ``transformer``.
+
+    Reads only the safetensors headers (names and shapes), so it also works on a transformer
+    built on the meta device from the base model's config, before any weights are loaded. A LoRA
+    layer that the model lacks, or whose input/output width differs from the model's layer, is a
+    mismatch; so is a model layer that the adapter's own target modules name but that the adapter
+    has no weights for (an adapter of a shallower model). Weights in a layout not recognised here
+    are left to the loader, whose errors ``apply_checkpoint`` turns into the same message.
+    """
+    problems = (_lora_problems if ckpt.kind == "lora" else _full_problems)(transformer, ckpt.path)
+    if problems:
+        more = f", and {len(problems) - 1} more like it" if len(problems) > 1 else ""
+        raise CheckpointMismatch(mismatch_message(ckpt, model_name, problems[0] + more))
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor name -> shape, and the metadata, of a safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"'{file}' is not a readable safetensors file ({exc}); copy or export the "
+                         "checkpoint again") from exc
+
+
+def _lora_problems(transformer: nn.Module, adapter_dir: Path) -> list[str]:
+    file = adapter_dir / LORA_FILE
+    shapes, metadata = _safetensors_header(file)
+    modules = dict(transformer.named_modules())
+    problems, covered = [], set()
+    for key, shape in shapes.items():
+        if not key.startswith("transformer.") or len(shape) != 2:
+            continue
+        name, part = key[len("transformer."):], None
+        for kind in ("lora_A", "lora_B"):
+            if name.endswith(f".{kind}.weight"):
+                name, part = name[: -len(f".{kind}.weight")], kind
+        if part is None:  # a bias, a DoRA magnitude or a layout not recognised here: left to the loader
+            continue
+        covered.add(name)
+        layer = modules.get(name)
+        layer = getattr(layer, "base_layer", layer)
+        if layer is None:
+            problems.append(f"the adapter has weights for layer {name}, which the model lacks")
+        elif isinstance(layer, nn.Linear):
+            side, want, have = (("inputs", shape[1], layer.in_features) if part == "lora_A"
+                                else ("outputs", shape[0], layer.out_features))
+            if want != have:
+                problems.append(f"layer {name} has {want} {side} in the adapter and {have} in the model")
+    targets = _lora_targets(metadata)
+    for name, layer in modules.items():
+        if (targets and isinstance(layer, nn.Linear) and name not in covered
+                and any(name == t or name.endswith("." + t) for t in targets)):
+            problems.append(f"the adapter has no weights for the model's layer {name}")
+    return list(dict.fromkeys(problems))
+
+
+def _lora_targets(metadata: dict[str, str]) -> list[str]:
+    """The adapter's target module names from diffusers' LoRA metadata, when they are a plain list that
+    applies to every matching layer (no layer selection); else none (no check of layers the adapter lacks)."""
+    try:
+        meta = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        return []
+    cfg = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list) or any(cfg.get(k) for k in ("exclude_modules", "layers_to_transform",
+                                                                 "layers_pattern")):
+        return []
+    return [t for t in targets if isinstance(t, str)]
+
+
+def _full_problems(transformer: nn.Module, transformer_dir: Path) -> list[str]:
+    files = sorted(transformer_dir.glob("*.safetensors"))
+    if not files:
+        return []
+    shapes = {}
+    for file in files:
+        shapes.update(_safetensors_header(file)[0])
+    model = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+    problems = [f"weight {k} is {list(shapes[k])} in the checkpoint and {list(v)} in the model"
+                for k, v in model.items() if k in shapes and shapes[k] != v]
+    problems += [f"the checkpoint lacks the model's weight {k}" for k in model if k not in shapes]
+    problems += [f"the checkpoint has weight {k}, which the model lacks" for k in shapes if k not in model]
+    return problems
 
 
 # --------------------------------------------------------------------------- model and sampling
@@ -212,10 +344,69 @@ def parse_args(argv: list[str] | None):
     return p.parse_args(argv)
 
 
-def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
-    """Model, checkpoint (not yet applied) and the resolved sampling settings of a generate/evaluate command."""
-    from fdfo.config import ModelConfig
+def check_args(args) -> None:
+    """The numbers and devices of a generate/evaluate command line, before anything is loaded."""
+    for key in ("steps", "resolution", "max_sequence_length", "batch_size", "reward_batch_size"):
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1 (got {value})")
+    check_device(args.device, "--device")
 
+
+def check_device(spec: str | None, flag: str) -> None:
+    """A device name torch knows; a CUDA device only where there is one."""
+    if spec is None:
+        return
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"{flag} '{spec}' is not a device; give e.g. cpu, cuda or cuda:1") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} '{spec}': this machine has no CUDA device; give {flag} cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{flag} '{spec}': this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def prepare_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output directory and make sure a file can be written in it (a probe file, removed)."""
+    out = Path(path).expanduser()
+    fix = "give a directory that can be created and written to"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} '{path}' is an existing file, not a directory; {fix}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fdfo-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{flag} '{path}' cannot be written ({exc.strerror or exc}); {fix}") from exc
+    return out
+
+
+def read_prompts(args) -> list[str]:
+    """The prompts of ``--prompts`` (a file or a built-in set) or ``--prompt``; a file that cannot be read
+    is a one-line error too."""
+    from fdfo.prompts import load_prompts
+
+    if not args.prompts:
+        return list(args.prompt)
+    if Path(args.prompts).expanduser().is_dir():
+        raise ValueError(f"prompt file '{args.prompts}' is a directory; give a text file with one prompt per line")
+    try:
+        return load_prompts(args.prompts)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"prompt file '{args.prompts}' cannot be read ({exc.strerror or exc}); "
+                         "check its permissions") from exc
+
+
+def resolve(args) -> tuple[Checkpoint | None, dict]:
+    """Checkpoint (not yet applied) and the sampling settings of a generate/evaluate command, without
+    loading a model: a missing base model, or a checkpoint that does not fit a local base model, is an
+    error here already."""
     ckpt = resolve_checkpoint(args.adapter) if args.adapter else None
     settings = sampling_defaults(args.model, ckpt.run_config if ckpt else None)
     for key in ("steps", "guidance", "negative_prompt", "resolution", "max_sequence_length"):
@@ -223,31 +414,90 @@ def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
             settings[key] = getattr(args, key)
     if settings["model"] is None:
         raise FileNotFoundError("no --model given and the checkpoint carries no run config naming one")
+    if not tasks.is_builtin(settings["model"]):
+        from fdfo.models.sd3 import _model_index
+
+        _model_index(settings["model"], settings["revision"])  # a missing model is a one-line error
+        if ckpt is not None:
+            transformer = _meta_transformer(settings["model"], settings["revision"])
+            if transformer is not None:
+                check_checkpoint(transformer, ckpt, settings["model"])
+    return ckpt, settings
+
+
+def _meta_transformer(path: str, revision: str | None) -> nn.Module | None:
+    """The base model's transformer built from its config on the meta device (shapes, no weights), when
+    its config is at hand (a local directory or the hub cache); else None and the check waits for the load."""
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        local = Path(path).expanduser()
+        if local.is_dir():
+            config = SD3Transformer2DModel.load_config(str(local / "transformer"))
+        else:
+            config = SD3Transformer2DModel.load_config(path, subfolder="transformer", revision=revision,
+                                                       local_files_only=True)
+        with torch.device("meta"):
+            return SD3Transformer2DModel.from_config(config)
+    except Exception:  # an early check only: the real load reports whatever is wrong with the model
+        return None
+
+
+def load_model(args, settings: dict) -> SD3FlowModel:
+    from fdfo.config import ModelConfig
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = ModelConfig(path=settings["model"], revision=settings["revision"], dtype=args.dtype,
                             max_sequence_length=settings["max_sequence_length"], resolution=settings["resolution"],
                             cache_dir=settings["cache_dir"])
-    model = load_flow_model(model_cfg, device, shift=settings["shift"])
+    return load_flow_model(model_cfg, device, shift=settings["shift"])
+
+
+def check_model(model: SD3FlowModel, ckpt: Checkpoint | None, settings: dict) -> None:
+    """What can only be checked against the loaded model, before any sampling: the resolution and
+    whether the checkpoint fits (for a base model whose config was not at hand before loading)."""
+    resolution = settings["resolution"]
+    if resolution is not None:
+        scale = model.pipe.vae_scale_factor if model.vae is not None else 1
+        step = scale * model.transformer.config.patch_size
+        limit = model.transformer.config.pos_embed_max_size
+        if resolution % step or (limit and resolution > step * limit):
+            upto = f" up to {step * limit}" if limit else ""
+            raise ValueError(f"resolution {resolution} does not suit base model '{settings['model']}'; "
+                             f"give --resolution as a multiple of {step}{upto}")
+    if ckpt is not None:
+        check_checkpoint(model.transformer, ckpt, settings["model"])
+
+
+def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
+    """Model, checkpoint (checked, not yet applied) and the resolved sampling settings of a command."""
+    ckpt, settings = resolve(args)
+    model = load_model(args, settings)
+    check_model(model, ckpt, settings)
     return model, ckpt, settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fdfo.prompts import load_prompts
-
     args = parse_args(argv)
-    try:
-        prompts = load_prompts(args.prompts) if args.prompts else list(args.prompt)
-        model, ckpt, settings = setup(args)
+    try:  # every mistake of the command line is found before the model is loaded, where it can be
+        check_args(args)
+        duplicates = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"--seeds lists {', '.join(map(str, duplicates))} more than once; give each seed once")
+        prompts = read_prompts(args)
+        ckpt, settings = resolve(args)
+        out = prepare_out_dir(args.out)
+        model = load_model(args, settings)
+        check_model(model, ckpt, settings)
+        if ckpt is not None:
+            apply_checkpoint(model, ckpt)
     except (FileNotFoundError, ValueError) as exc:
         print(f"fdfo.generate: error: {exc}", file=sys.stderr)
         return 1
-    if ckpt is not None:
-        apply_checkpoint(model, ckpt)
     items = [(i, s) for i in range(len(prompts)) for s in args.seeds]
     images = generate_images(model, [prompts[i] for i, _ in items], [s for _, s in items], steps=settings["steps"],
                              guidance=settings["guidance"], negative_prompt=settings["negative_prompt"],
                              batch_size=args.batch_size)
-    out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = []
     for (i, s), img in zip(items, images):
