@@ -38,6 +38,8 @@ def run(method: str, seed: int, lr: float, epochs: int, out: Path, extra: list[s
         cmd = [sys.executable, "fdfo/train.py", "--config", "builtin:digits", *METHODS[method],
                "--train.seed", str(seed), "--train.learning_rate", str(lr), "--train.epochs", str(epochs),
                "--log.out_dir", str(run_dir), "--log.progress", "false", "--checkpoint.every", "0", *extra]
+        if run_dir.exists():  # an attempt that did not finish: start it over (its files are moved aside)
+            cmd.append("--overwrite")
         t0 = time.time()
         subprocess.run(cmd, cwd=ROOT, check=True)
         (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - t0, "cmd": cmd}))

@@ -239,3 +239,20 @@ def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_r
     assert records[True]["reward_mean"] == pytest.approx(records[False]["reward_mean"], rel=1e-5)
     for k in weights[False]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-3, atol=1e-6)
+
+
+def test_a_prompt_path_that_is_a_directory_or_unreadable(tmp_path, monkeypatch):
+    from fdfo.config import ConfigError
+    from fdfo.prompts import load_prompts
+
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_prompts(str(tmp_path))
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n")
+
+    def denied(self, *args, **kwargs):  # (staged: root reads files whatever their mode)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match="cannot be read \\(Permission denied\\)"):
+        load_prompts(str(path))
