@@ -96,3 +96,37 @@ def test_pixel_space_model_without_vae(tmp_path):
     assert model.vae is None and model.latent_shape == (1, 8, 8)
     x = torch.linspace(-1.5, 1.5, 64).view(1, 1, 8, 8)
     torch.testing.assert_close(model.decode(x), (x / 2 + 0.5).clamp(0, 1))  # identity decoder
+
+
+def test_the_transformer_gets_the_schedulers_fp32_timesteps_with_bf16_weights(tiny_pipeline_dir):
+    """bf16 weights, fp32 times: the value the transformer receives is the scheduler's own timestep,
+    in sampling (the eager twin of the CUDA-graph sampler) and in a training forward."""
+    from fdfo.sampling import churn_schedule, sample_pairs
+
+    model = SD3FlowModel(str(tiny_pipeline_dir), device=torch.device("cpu"), dtype=torch.bfloat16,
+                         max_sequence_length=16)
+    assert model.transformer.dtype == torch.bfloat16
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["timestep"]),
+                                                with_kwargs=True)
+    steps = 7
+    sigmas = model.sigmas(steps)
+    scheduler = model.pipe.scheduler
+    scheduler.set_timesteps(steps, device="cpu")
+    expected = scheduler.timesteps.float()
+    assert not torch.equal(expected.bfloat16().float(), expected)  # bf16 would move them: the test can fail
+
+    g = torch.Generator().manual_seed(int(torch.randint(1000, ())))
+    cond = model.encode(["a cat"]).repeat_rows(2)
+    g_prior, g_steps = churn_schedule("raw", sigmas=sigmas, rows=2, weight=0.01)
+    sample_pairs(lambda x, s: model.velocity(x, s, cond), torch.randn(1, *model.latent_shape, generator=g),
+                 sigmas, g_prior, g_steps, g)
+    assert len(seen) == steps
+    for k, t in enumerate(seen):
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, expected[k].expand_as(t), rtol=0, atol=0)
+
+    seen.clear()  # a training forward, at random times
+    sigma = torch.rand(2, generator=g)
+    model.velocity(torch.randn(2, *model.latent_shape, generator=g), sigma, cond).float().sum()
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], sigma * 1000)

@@ -183,7 +183,9 @@ class SD3FlowModel:
         return self._forward(net, x, sigma, cond)
 
     def _forward(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        out = net(hidden_states=x.to(self.dtype), timestep=sigma.to(self.dtype) * 1000,
+        # The timestep stays fp32 (the scheduler's `timesteps`) whatever the weights' dtype: in bf16,
+        # 1000·σ would move by up to 3 of 1000, off the times the base model was trained at.
+        out = net(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
                   encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled, return_dict=False)[0]
         return out.float()
 
