@@ -182,6 +182,10 @@ class Engine:
         self.module, _, _, _ = deepspeed.initialize(
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        # DeepSpeed reports the gradient norm from its ZeRO and mixed-precision optimizer wrappers only;
+        # when it steps our optimizer unwrapped (stage 0 in fp32: LoRA) the engine measures the norm itself.
+        self._measure_norm = self.module.optimizer is optimizer
+        self._grad_norm: float | None = None
         if cfg.train.compile:
             self.module.compile()  # torch.compile of the module, in place, with DeepSpeed's hooks in mind
         # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
@@ -228,6 +232,10 @@ class Engine:
 
     def step(self) -> None:
         """Optimizer step at the gradient-accumulation boundary (DeepSpeed counts the micro-batches)."""
+        if self._measure_norm and self.module.is_gradient_accumulation_boundary():
+            # (the gradients are averaged over ranks by now: DeepSpeed all-reduces them in backward)
+            norms = [p.grad.detach().float().norm() for p in self.model.trainable_parameters() if p.grad is not None]
+            self._grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
         self.module.step()
 
     def set_hyperparameters(self, t) -> None:
@@ -240,7 +248,8 @@ class Engine:
                          weight_decay=t.weight_decay)
 
     def grad_norm(self) -> float | None:
-        norm = self.module.get_global_grad_norm()
+        """The 2-norm of the last step's gradient before clipping (None before the first step)."""
+        norm = self._grad_norm if self._measure_norm else self.module.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ state (for fdfo.checkpoint)
