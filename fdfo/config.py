@@ -71,14 +71,41 @@ class SamplingConfig:
     steps: int = 40  # solver steps T
     guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance; below 1 weakens the prompt
     shift: float | None = None  # None = the scheduler's configured shift (3.0 for SD3.5)
-    churn_schedule: str = field(default="raw", metadata=_choices("raw", "first", "logit_normal"))
-    churn_weight: float = 0.0025
-    churn_logit_mean: float = 0.0  # logit_normal schedule: location of the churned time
-    churn_logit_std: float = 1.0
+    # Fresh noise ("churn") that makes the two rows of a pair drift apart (ALGORITHM.md §1.4); each key
+    # below is read only by the schedule it names, and its default is that schedule's published value.
+    #   raw:      γ = churn_weight at the prior and at every step but the last.
+    #   prior:    churn at the prior only, γ₀ = exp(w) − 1 with
+    #             w = churn_prior_weight·exp(churn_prior_weight_sigma·z), z ~ N(0, 1) drawn per pair.
+    #   interval: churn around one time per pair: a logit-normal bump over the σ grid (centre ~ N(churn_interval_mu,
+    #             churn_interval_sigma) in logit space, width churn_interval_soft_sigma), scaled so that log(1 + γ)
+    #             sums to w = churn_interval_weight·exp(churn_interval_weight_sigma·z) over the grid.
+    churn_schedule: str = field(default="raw", metadata={
+        **_choices("raw", "prior", "interval"),
+        "replaced": {"first": "the published 'prior' schedule (churn at the prior only, sampling.churn_prior_*)",
+                     "logit_normal": "the published 'interval' schedule (churn around one random time per pair, "
+                                     "sampling.churn_interval_*)"}})
+    churn_weight: float = 0.0025  # raw: γ at the prior and every step but the last
+    churn_prior_weight: float = 0.1  # prior: median of w (γ₀ = exp(w) − 1)
+    churn_prior_weight_sigma: float = 1.0  # prior: spread of log w across pairs; 0 = the same w for every pair
+    churn_interval_mu: float = 1.0  # interval: mean of the centre, logit(σ) (1.0: σ ≈ 0.73)
+    churn_interval_sigma: float = 1.5  # interval: std of the centre across pairs, in logit space; 0 = fixed centre
+    churn_interval_weight: float = 1.0  # interval: median of w, the total log(1 + γ) over the grid
+    churn_interval_weight_sigma: float = 0.0  # interval: spread of log w across pairs; 0 = the same w for every pair
+    churn_interval_soft_sigma: float = 0.25  # interval: width of the bump, the logit-normal scale
     micro_batch_pairs: int = 3  # pairs per sampling forward (2x rows)
     negative_prompt: str = ""
     cuda_graphs: bool = True  # on CUDA: capture one sampling step as a CUDA graph and replay it
     compile: bool = False  # torch.compile the velocity for sampling
+
+    def churn_parameters(self) -> dict:
+        """The selected schedule's parameters: keyword arguments of ``fdfo.sampling.churn_schedule``."""
+        if self.churn_schedule == "prior":
+            return dict(weight=self.churn_prior_weight, weight_sigma=self.churn_prior_weight_sigma)
+        if self.churn_schedule == "interval":
+            return dict(weight=self.churn_interval_weight, weight_sigma=self.churn_interval_weight_sigma,
+                        mu=self.churn_interval_mu, sigma=self.churn_interval_sigma,
+                        soft_sigma=self.churn_interval_soft_sigma)
+        return dict(weight=self.churn_weight)
 
 
 @dataclass
@@ -238,6 +265,10 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     choices = meta.get("choices")
+    replaced = meta.get("replaced", {})
+    if choices is not None and value in replaced:
+        raise ConfigError(f"config key '{key}' is {value!r}, which was replaced by {replaced[value]}; "
+                          f"valid values: {', '.join(map(str, choices))}")
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(map(str, choices))}")
     return value
@@ -261,11 +292,22 @@ def _merge_entries(key: str, current: dict, entries: Entries, tp: Any) -> dict:
     return _check_value(key, merged, tp, {})
 
 
+# Keys that no longer exist -> what replaced them.
+_REMOVED: dict[str, str] = {
+    f"sampling.churn_logit_{name}": "the 'logit_normal' churn schedule it configured was replaced by the published "
+                                    "'interval' schedule (sampling.churn_interval_mu, churn_interval_sigma, "
+                                    "churn_interval_weight, churn_interval_weight_sigma, churn_interval_soft_sigma)"
+    for name in ("mean", "std")
+}
+
+
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         full = f"{prefix}{key}"
+        if full in _REMOVED:
+            raise ConfigError(f"config key '{full}' was removed: {_REMOVED[full]}")
         if key not in fields:
             raise ConfigError(
                 f"unknown config key '{full}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
@@ -314,7 +356,12 @@ _RANGES: dict[str, _Range] = {
     "sampling.guidance_scale": _above(0),
     "sampling.shift": _optional(_above(0)),
     "sampling.churn_weight": _at_least(0),
-    "sampling.churn_logit_std": _above(0),
+    "sampling.churn_prior_weight": _at_least(0),
+    "sampling.churn_prior_weight_sigma": _at_least(0),
+    "sampling.churn_interval_sigma": _at_least(0),
+    "sampling.churn_interval_weight": _at_least(0),
+    "sampling.churn_interval_weight_sigma": _at_least(0),
+    "sampling.churn_interval_soft_sigma": _above(0),
     "sampling.micro_batch_pairs": _above(0),
     "train.epochs": _above(0),
     "train.pairs_per_epoch": _above(0),

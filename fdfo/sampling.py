@@ -53,36 +53,61 @@ def churn_step(x: torch.Tensor, v: torch.Tensor, t: Scalar, s: Scalar, gamma: Sc
 
 # --------------------------------------------------------------------------- churn schedules
 
+CHURN_SCHEDULES = ("raw", "prior", "interval")
+
+
+def _pair_draws(pairs: int, mean: float, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """mean + std·z, z ~ N(0, 1), one draw per pair, float64 [pairs]."""
+    return mean + std * torch.randn(pairs, generator=generator, dtype=torch.float64)
+
 
 def churn_schedule(name: str, weight: float, sigmas: torch.Tensor, rows: int,
-                   generator: torch.Generator | None = None, logit_mean: float = 0.0,
-                   logit_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row churn amounts: (γ_prior [rows], γ_steps [T, rows]); the last step is always 0.
+                   generator: torch.Generator | None = None, *, weight_sigma: float = 0.0, mu: float = 0.0,
+                   sigma: float = 0.0, soft_sigma: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row churn amounts (ALGORITHM.md §1.4): (γ_prior [rows], γ_steps [T, rows]), float64 on the CPU.
 
-    raw:          the same γ = weight at the prior and at every step (the published default).
-    first:        churn only at the prior and the first step.
-    logit_normal: churn only around one time τ ~ logit-normal(mean, std), drawn per pair:
-                  γ = weight at the step whose σ is nearest τ (the prior gets none
-                  unless that step is the first).
+    The schedule lives on the σ grid σ_0 = 1 > … > σ_T = 0: the prior takes its value at σ_0, step k
+    (σ_k → σ_{k+1}) the value at σ_{k+1}, and the last step always 0. Rows 2i and 2i+1 (one pair) get
+    the same amounts; the random draws are one per pair, from ``generator`` (raw draws nothing; interval
+    draws the centres, then the weights).
+
+    raw:      γ = weight at the prior and every step but the last (the published default, 0.0025).
+    prior:    churn at the prior only: w = weight·exp(weight_sigma·z), z ~ N(0, 1), γ₀ = exp(w) − 1.
+    interval: churn around one random time: a centre c ~ N(mu, sigma) in logit space and w as in
+              ``prior``; the logit-normal density (location c, scale soft_sigma) on the grid, 0 at
+              σ = 0 and σ = 1, normalised to sum 1 over the grid, times w, gives γ = exp(value) − 1.
+              (The prior gets none, as σ_0 = 1.)
     """
     T = sigmas.numel() - 1
+    pairs = (rows + 1) // 2
     steps = torch.zeros(T, rows, dtype=torch.float64)
     prior = torch.zeros(rows, dtype=torch.float64)
     if name == "raw":
-        steps[:-1] = weight
+        steps[:] = weight
         prior[:] = weight
-    elif name == "first":
-        steps[0] = weight
-        prior[:] = weight
-    elif name == "logit_normal":
-        pairs = (rows + 1) // 2
-        z = torch.randn(pairs, generator=generator, dtype=torch.float64) * logit_std + logit_mean
-        tau = torch.sigmoid(z).repeat_interleave(2)[:rows]  # same churn time for both rows of a pair
-        k = (sigmas[:-1].double().view(-1, 1) - tau.view(1, -1)).abs().argmin(0)  # [rows]
-        steps[k, torch.arange(rows)] = weight
-        prior[k == 0] = weight
+    elif name == "prior":
+        w = weight * torch.exp(_pair_draws(pairs, 0.0, weight_sigma, generator))
+        prior[:] = torch.expm1(w).repeat_interleave(2)[:rows]
+    elif name == "interval":
+        c = _pair_draws(pairs, mu, sigma, generator)  # [pairs] centres in logit space
+        w = weight * torch.exp(_pair_draws(pairs, 0.0, weight_sigma, generator))  # [pairs]
+        sig = sigmas.detach().to("cpu", torch.float64).view(-1, 1)  # [T + 1, 1]
+        inside = (sig > 0) & (sig < 1)
+        s = sig.clamp(1e-300, 1 - 1e-16)
+        logit = torch.log(s) - torch.log1p(-s)
+        # log of the logit-normal density up to a constant (the constant cancels in the normalisation),
+        # -inf at σ = 0 and σ = 1; normalising in log space keeps a far-off centre from underflowing to 0/0.
+        log_p = -torch.log(s) - torch.log1p(-s) - (logit - c.view(1, -1)) ** 2 / (2 * soft_sigma**2)
+        log_p = torch.where(inside, log_p, torch.tensor(-math.inf, dtype=torch.float64))  # [T + 1, pairs]
+        if bool(inside.any()):
+            value = torch.exp(log_p - torch.logsumexp(log_p, dim=0, keepdim=True)) * w.view(1, -1)
+        else:  # no grid point inside (0, 1): nothing to churn
+            value = torch.zeros_like(log_p)
+        gamma = torch.expm1(value).repeat_interleave(2, dim=1)[:, :rows]  # [T + 1, rows]
+        prior[:] = gamma[0]
+        steps[:] = gamma[1:]
     else:
-        raise ValueError(f"unknown churn schedule '{name}'; valid: raw, first, logit_normal")
+        raise ValueError(f"unknown churn schedule '{name}'; valid: {', '.join(CHURN_SCHEDULES)}")
     if T >= 1:
         steps[-1] = 0.0
     return prior, steps

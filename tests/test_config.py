@@ -27,6 +27,36 @@ def test_defaults_are_the_published_recipe():
                                             "add_v_proj", "to_add_out"}
     assert cfg.checkpoint.every == 5 and cfg.model.resolution == 512 and cfg.model.max_sequence_length == 128
     assert cfg.reward.weights == {"pickscore": 1.0, "vlm_alignment": 0.1}
+    s = cfg.sampling  # the published churn schedules' parameters (ALGORITHM.md §1.4)
+    assert s.churn_schedule == "raw" and (s.churn_prior_weight, s.churn_prior_weight_sigma) == (0.1, 1.0)
+    assert (s.churn_interval_mu, s.churn_interval_sigma, s.churn_interval_weight, s.churn_interval_weight_sigma,
+            s.churn_interval_soft_sigma) == (1.0, 1.5, 1.0, 0.0, 0.25)
+
+
+def test_churn_parameters_follow_the_schedule():
+    cfg = build_config({"sampling": {"churn_weight": 0.02, "churn_prior_weight": 0.3}})
+    assert cfg.sampling.churn_parameters() == {"weight": 0.02}
+    cfg = build_config({"sampling": {"churn_schedule": "prior", "churn_weight": 0.02, "churn_prior_weight": 0.3}})
+    assert cfg.sampling.churn_parameters() == {"weight": 0.3, "weight_sigma": 1.0}
+    cfg = build_config({}, parse_overrides(["--sampling.churn_schedule", "interval",
+                                            "--sampling.churn_interval_mu", "-0.5"]))
+    assert cfg.sampling.churn_parameters() == {"weight": 1.0, "weight_sigma": 0.0, "mu": -0.5, "sigma": 1.5,
+                                               "soft_sigma": 0.25}
+
+
+@pytest.mark.parametrize("override, match", [
+    (["--sampling.churn_schedule", "first"], r"^config key 'sampling\.churn_schedule' is 'first', which was "
+                                             r"replaced by the published 'prior' schedule .*; valid values: raw, "
+                                             r"prior, interval$"),
+    (["--sampling.churn_schedule", "logit_normal"], r"'logit_normal', which was replaced by the published "
+                                                    r"'interval' schedule .*; valid values: raw, prior, interval$"),
+    (["--sampling.churn_logit_mean", "0.5"], r"^config key 'sampling\.churn_logit_mean' was removed: .*'interval' "
+                                             r"schedule \(sampling\.churn_interval_mu"),
+    (["--sampling.churn_logit_std", "1"], r"^config key 'sampling\.churn_logit_std' was removed: .*'interval'"),
+])
+def test_replaced_churn_names_say_what_replaced_them(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({}, parse_overrides(override))
 
 
 def test_overrides_and_yaml(tmp_path):
@@ -49,7 +79,8 @@ def test_unknown_key_names_it_and_lists_valid_keys():
 @pytest.mark.parametrize("override, match", [
     (["--train.epochs", "ten"], r"'train.epochs' must be an integer"),
     (["--train.learning_rate", "fast"], r"'train.learning_rate' must be a number"),
-    (["--sampling.churn_schedule", "cosine"], r"valid values: raw, first, logit_normal"),
+    (["--sampling.churn_schedule", "cosine"], r"'sampling.churn_schedule' is 'cosine'; valid values: raw, prior, "
+                                              r"interval$"),
     (["--log.wandb", "maybe"], r"'log.wandb' must be true or false"),
     (["--train.learning_rate", "-1"], r"'train.learning_rate' must be positive"),
     (["--train", "3"], r"'train' is a section"),
@@ -224,7 +255,13 @@ def test_mapping_floats_must_be_finite(key):
     ("sampling.guidance_scale", "0", "positive"),
     ("sampling.guidance_scale", "-4.5", "positive"),
     ("sampling.shift", "0", "null or positive"),
-    ("sampling.churn_logit_std", "0", "positive"),
+    ("sampling.churn_prior_weight", "-0.1", ">= 0"),
+    ("sampling.churn_prior_weight_sigma", "-1", ">= 0"),
+    ("sampling.churn_interval_sigma", "-1.5", ">= 0"),
+    ("sampling.churn_interval_weight", "-1", ">= 0"),
+    ("sampling.churn_interval_weight_sigma", "-0.5", ">= 0"),
+    ("sampling.churn_interval_soft_sigma", "0", "positive"),
+    ("sampling.churn_interval_soft_sigma", "-0.25", "positive"),
     ("lora.alpha", "-16", "positive"),
     ("lora.rank", "0", "positive"),
     ("eval.every", "-1", ">= 0"),

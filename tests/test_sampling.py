@@ -68,19 +68,124 @@ def test_prior_churn_statistics():
     assert float(torch.corrcoef(torch.stack([x, out]))[0, 1]) == pytest.approx(1 / 1.5, abs=0.01)
 
 
-def test_churn_schedules():
-    sigmas = torch.linspace(1, 0, 6)
-    prior, steps = churn_schedule("raw", 0.0025, sigmas, rows=4)
-    assert steps.shape == (5, 4) and torch.all(steps[:-1] == 0.0025) and torch.all(steps[-1] == 0)
-    assert torch.all(prior == 0.0025)
-    prior, steps = churn_schedule("first", 0.01, sigmas, rows=4)
-    assert torch.all(steps[0] == 0.01) and torch.all(steps[1:] == 0) and torch.all(prior == 0.01)
-    g = torch.Generator().manual_seed(0)
-    prior, steps = churn_schedule("logit_normal", 0.05, sigmas, rows=6, generator=g)
-    assert torch.all((steps > 0).sum(0) <= 1) and torch.all(steps[-1] == 0)
-    torch.testing.assert_close(steps[:, 0::2], steps[:, 1::2])  # both rows of a pair churn at the same time
-    with pytest.raises(ValueError, match="valid: raw, first, logit_normal"):
-        churn_schedule("nope", 0.1, sigmas, rows=2)
+# --------------------------------------------------------------------------- churn schedules (ALGORITHM.md §1.4)
+
+
+def _grid(g: torch.Generator, T: int) -> torch.Tensor:
+    """A shifted σ grid 1 = σ_0 > … > σ_T = 0, as the SD3 scheduler makes them (float32)."""
+    shift = 0.5 + 3 * float(torch.rand((), generator=g))
+    t = torch.linspace(1, 0, T + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_raw_schedule(seed):
+    g = torch.Generator().manual_seed(seed)
+    T, rows = int(torch.randint(2, 30, (), generator=g)), 2 * int(torch.randint(1, 8, (), generator=g))
+    weight = float(torch.rand((), generator=g)) * 0.1
+    prior, steps = churn_schedule("raw", weight, _grid(g, T), rows)
+    assert prior.dtype == steps.dtype == torch.float64 and prior.device.type == steps.device.type == "cpu"
+    assert prior.shape == (rows,) and steps.shape == (T, rows)
+    assert torch.all(prior == weight) and torch.all(steps[:-1] == weight) and torch.all(steps[-1] == 0)
+
+
+@pytest.mark.parametrize("weight, weight_sigma", [(0.1, 1.0), (0.37, 0.4)])
+def test_prior_schedule_draws_log_normal_weights(weight, weight_sigma):
+    pairs = 20_000
+    prior, steps = churn_schedule("prior", weight, _grid(torch.Generator().manual_seed(0), 12), 2 * pairs,
+                                  torch.Generator().manual_seed(11), weight_sigma=weight_sigma)
+    assert steps.shape == (12, 2 * pairs) and torch.all(steps == 0)  # churn at the prior only
+    torch.testing.assert_close(prior[0::2], prior[1::2], rtol=0, atol=0)  # both rows of a pair
+    # γ₀ = exp(w) − 1 with w = weight·exp(weight_sigma·z): log(log(1 + γ₀)/weight) = weight_sigma·z ~ N(0, σ²).
+    z = torch.tensor([math.log(math.log1p(float(gp)) / weight) for gp in prior[0::2]], dtype=torch.float64)
+    assert abs(float(z.mean())) < 5 * weight_sigma / math.sqrt(pairs)
+    assert float(z.std()) == pytest.approx(weight_sigma, abs=5 * weight_sigma / math.sqrt(2 * pairs))
+    assert abs(float(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1])) < 5 / math.sqrt(pairs)  # independent
+
+
+def test_prior_schedule_without_spread_is_exp_weight_minus_one():
+    g = torch.Generator().manual_seed(12)
+    weight = float(torch.rand((), generator=g)) * 0.5
+    prior, steps = churn_schedule("prior", weight, _grid(g, 7), 9, g, weight_sigma=0.0)  # odd rows: last pair cut
+    assert prior.shape == (9,) and torch.all(steps == 0)
+    assert all(float(gp) == pytest.approx(math.exp(weight) - 1, rel=1e-14, abs=0) for gp in prior)
+    prior, _ = churn_schedule("prior", 0.0, _grid(g, 7), 4, g, weight_sigma=1.0)
+    assert torch.all(prior == 0)
+
+
+def _interval_reference(sigmas: list[float], c: float, w: float, soft_sigma: float) -> list[float]:
+    """γ at every grid σ: w × the logit-normal density (location c, scale soft_sigma), 0 at σ = 0 and σ = 1,
+    normalised to sum 1 over the grid; γ = exp(value) − 1 (as expm1: exact also for tiny values)."""
+    density = []
+    for s in sigmas:
+        if 0 < s < 1:
+            logit = math.log(s / (1 - s))
+            density.append(math.exp(-(logit - c) ** 2 / (2 * soft_sigma**2))
+                           / (soft_sigma * math.sqrt(2 * math.pi) * s * (1 - s)))
+        else:
+            density.append(0.0)
+    total = sum(density)
+    return [math.expm1(w * d / total) for d in density]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_interval_schedule_matches_the_normalised_logit_normal_density(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    T, pairs = int(torch.randint(3, 40, (), generator=g)), int(torch.randint(1, 5, (), generator=g))
+    mu = float(torch.rand((), generator=g)) * 4 - 2
+    weight = float(torch.rand((), generator=g)) * 2 + 0.05
+    soft_sigma = float(torch.rand((), generator=g)) * 0.9 + 0.1
+    sigmas = _grid(g, T)
+    # sigma = 0 and weight_sigma = 0: the centre is mu and the weight is weight, exactly.
+    prior, steps = churn_schedule("interval", weight, sigmas, 2 * pairs, g, weight_sigma=0.0, mu=mu, sigma=0.0,
+                                  soft_sigma=soft_sigma)
+    ref = _interval_reference([float(s) for s in sigmas.double()], mu, weight, soft_sigma)
+    assert ref[0] == 0 and ref[-1] == 0
+    assert torch.all(prior == 0) and torch.all(steps[-1] == 0)  # σ_0 = 1 and the last step get none
+    for row in range(2 * pairs):
+        for k in range(T):  # step k (σ_k → σ_{k+1}) takes the value at σ_{k+1}
+            assert float(steps[k, row]) == pytest.approx(ref[k + 1], rel=1e-12, abs=1e-300)
+        total = math.log1p(float(prior[row])) + sum(math.log1p(float(gs)) for gs in steps[:, row])
+        assert total == pytest.approx(weight, rel=1e-12)
+
+
+def test_interval_schedule_draws_a_centre_and_weight_per_pair():
+    pairs, T, mu, sigma, weight, weight_sigma, soft_sigma = 20_000, 24, 1.0, 1.5, 1.0, 0.3, 0.25
+    sigmas = torch.linspace(1, 0, T + 1)
+    prior, steps = churn_schedule("interval", weight, sigmas, 2 * pairs, torch.Generator().manual_seed(21),
+                                  weight_sigma=weight_sigma, mu=mu, sigma=sigma, soft_sigma=soft_sigma)
+    assert torch.all(prior == 0) and torch.all(steps[-1] == 0)
+    torch.testing.assert_close(steps[:, 0::2], steps[:, 1::2], rtol=0, atol=0)  # both rows of a pair
+    assert not torch.equal(steps[:, 0], steps[:, 2])  # different pairs differ
+    values = torch.log1p(steps[:, 0::2])  # [T, pairs]: w × normalised density at σ_1 … σ_T
+    # The weight: log(1 + γ) sums to w = weight·exp(weight_sigma·z) over the grid.
+    z = torch.log(values.sum(0) / weight)
+    assert abs(float(z.mean())) < 5 * weight_sigma / math.sqrt(pairs)
+    assert float(z.std()) == pytest.approx(weight_sigma, abs=5 * weight_sigma / math.sqrt(2 * pairs))
+    # The centre: log(value) + log(σ(1 − σ)) + l²/(2 soft²) = const + l·c/soft², l = logit(σ); the slope gives c.
+    s = sigmas[1:].double().view(-1, 1).expand_as(values)
+    logit = torch.log(s / (1 - s))
+    ok = (values > 1e-250) & (s > 0)
+    y = torch.log(values.clamp_min(1e-300)) + torch.log(s * (1 - s)).nan_to_num(0.0) + logit**2 / (2 * soft_sigma**2)
+    n = ok.sum(0)
+    assert bool(torch.all(n >= 2))
+    lm = torch.where(ok, logit, 0).sum(0) / n
+    ym = torch.where(ok, y, 0).sum(0) / n
+    slope = torch.where(ok, (logit - lm) * (y - ym), 0).sum(0) / torch.where(ok, (logit - lm) ** 2, 0).sum(0)
+    c = slope * soft_sigma**2
+    assert float(c.mean()) == pytest.approx(mu, abs=5 * sigma / math.sqrt(pairs))
+    assert float(c.std()) == pytest.approx(sigma, abs=5 * sigma / math.sqrt(2 * pairs))
+
+
+def test_interval_schedule_without_interior_grid_points_is_no_churn():
+    prior, steps = churn_schedule("interval", 1.0, torch.tensor([1.0, 0.0]), 4, torch.Generator().manual_seed(0),
+                                  mu=1.0, sigma=1.5, soft_sigma=0.25)
+    assert torch.all(prior == 0) and torch.all(steps == 0)
+
+
+def test_unknown_churn_schedule():
+    with pytest.raises(ValueError, match="unknown churn schedule 'first'; valid: raw, prior, interval"):
+        churn_schedule("first", 0.1, torch.linspace(1, 0, 4), rows=2)
 
 
 def _linear_velocity(x, t):

@@ -66,8 +66,8 @@ class FDFO(Algorithm):
             cond = pol.encode(prompts)  # [P, ...]
             for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
-                g_prior, g_steps = churn_schedule(cfg.churn_schedule, cfg.churn_weight, pol.sigmas, 2 * b.size,
-                                                  b.gen_cpu, cfg.churn_logit_mean, cfg.churn_logit_std)
+                g_prior, g_steps = churn_schedule(cfg.churn_schedule, sigmas=pol.sigmas, rows=2 * b.size,
+                                                  generator=b.gen_cpu, **cfg.churn_parameters())
                 rows_cond = cond[b.start:b.start + b.size].repeat_rows(2)
                 if self.graph_sampler is not None:
                     seed = int(torch.randint(2**62, (), generator=b.gen_cpu))
