@@ -25,7 +25,8 @@ import time
 import torch
 
 from fdfo.engine import adamw
-from fdfo.models.flavours import ARCHS, TARGETS
+from fdfo.config import LORA_TARGETS
+from fdfo.models.flavours import ARCHS
 
 
 def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> dict:
@@ -49,7 +50,8 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
         model.requires_grad_(True)
     else:
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS, init_lora_weights="gaussian"))
+        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(LORA_TARGETS),
+                                     init_lora_weights="gaussian"))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

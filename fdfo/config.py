@@ -52,18 +52,20 @@ class ModelConfig:
     cache_dir: str | None = None  # where builtin models are kept (default ~/.cache/fdfo)
 
 
+# The published adapter's modules: the joint attention's projections (image and text stream) of every
+# block. peft matches a target against the end of a module's name, so the "attn." prefix keeps SD3.5
+# Medium's second self-attention (attn2 in its dual-attention blocks) out; a bare "to_q" would reach it.
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = True  # false = full fine-tuning of the transformer
     rank: int = 32
     alpha: float = 64.0
     init: str = field(default="gaussian", metadata=_choices("gaussian", "default"))
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "to_q", "to_k", "to_v", "to_out.0",
-            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        ]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass

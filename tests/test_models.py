@@ -130,3 +130,23 @@ def test_the_transformer_gets_the_schedulers_fp32_timesteps_with_bf16_weights(ti
     sigma = torch.rand(2, generator=g)
     model.velocity(torch.randn(2, *model.latent_shape, generator=g), sigma, cond).float().sum()
     assert seen[0].dtype == torch.float32 and torch.equal(seen[0], sigma * 1000)
+
+
+def test_default_lora_covers_the_joint_attention_only(tmp_path):
+    """SD3.5 Medium's dual-attention blocks have a second self-attention `attn2`; the published adapter
+    (ALGORITHM.md §5) adapts the joint attention's eight projections and nothing in attn2."""
+    from fdfo.models.tiny import build_tiny_sd3_pipeline
+
+    build_tiny_sd3_pipeline(num_layers=3, dual_attention_layers=(0, 1), with_t5=False).save_pretrained(tmp_path)
+    model = _model(tmp_path)
+    projections = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    names = {n for n, m in model.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {n for n in names if any(n.endswith(f".attn.{p}") for p in projections)}
+    assert any(".attn2." in n for n in names) and len(expected) > 8  # the case exists in this model
+    model.add_lora(LoraConfig())
+    adapted = {n[: -len(".lora_A")] for n, _ in model.transformer.named_modules() if n.endswith(".lora_A")}
+    assert adapted == expected
+    # Target modules stay configurable: a bare name reaches attn2 as well.
+    other = _model(tmp_path)
+    other.add_lora(LoraConfig(target_modules=["to_q"]))
+    assert any(".attn2.to_q" in n for n, _ in other.transformer.named_modules() if n.endswith(".lora_A"))

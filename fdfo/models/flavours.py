@@ -6,10 +6,6 @@ transformers of the published SD3.5 Medium and SD3.5 Large checkpoints (their
 smoke runs. Benchmarks build random-init transformers from them: speed does not depend on
 the weight values. ``sample_size`` is the latent side the model was trained at (1024²
 images); a 512² image is a 64×64 latent.
-
-``TARGETS`` are the attention projections of that architecture's joint attention blocks
-(image stream and text stream), where the published recipe puts its LoRA adapters; the
-same list as ``fdfo.config``'s default ``lora.target_modules``.
 """
 
 from __future__ import annotations
@@ -27,5 +23,3 @@ ARCHS: dict[str, dict] = {
                  num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
                  pooled_projection_dim=64, pos_embed_max_size=8),
 }
-
-TARGETS: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

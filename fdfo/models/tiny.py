@@ -84,6 +84,7 @@ def build_tiny_sd3_pipeline(
     with_vae: bool = True,
     with_t5: bool = True,
     shift: float = 3.0,
+    dual_attention_layers: tuple[int, ...] = (),
     seed: int = 0,
 ):
     """A StableDiffusion3Pipeline with the real component classes at tiny random size.
@@ -100,6 +101,7 @@ def build_tiny_sd3_pipeline(
         num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         joint_attention_dim=t5_dim, caption_projection_dim=num_attention_heads * attention_head_dim,
         pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=max(sample_size // patch_size, 2),
+        dual_attention_layers=dual_attention_layers,  # SD3.5 Medium's blocks with a second self-attention
     )
     clip_cfg = dict(
         vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
