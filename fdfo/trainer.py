@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fdfo import algorithms, distributed, run_dir
@@ -32,6 +33,35 @@ from fdfo.rewards import build_reward, build_weighted_reward
 from fdfo.sampling import sample_deterministic
 
 SHUFFLE_STREAM = 7  # derive_seed stream of the epoch's global permutation
+DIVERSITY_SIDE = 64  # eval/pixel_diversity compares images area-downsampled to at most this many pixels a side
+
+
+def pixel_diversity(count: torch.Tensor, sum_x: torch.Tensor, sum_sq: torch.Tensor) -> float | None:
+    """The mean over prompts with at least 2 images of the RMS pairwise distance per pixel value,
+    sqrt(mean over pairs i≠j of mean over pixels of (x_i − x_j)²), from per-prompt sums.
+
+    ``count`` [P] images per prompt, ``sum_x`` [P, D] the sum of their flattened images, ``sum_sq``
+    [P] the sum of their squared norms. For n images, the mean over ordered pairs i≠j of
+    ‖x_i − x_j‖² is 2n/(n−1)·(mean ‖x‖² − ‖mean x‖²). None when no prompt has 2 images.
+    """
+    count, sum_x, sum_sq = count.double(), sum_x.double(), sum_sq.double()
+    keep = count >= 2
+    if not bool(keep.any()):
+        return None
+    n, sx, sq = count[keep], sum_x[keep], sum_sq[keep]
+    mean = sx / n[:, None]
+    spread = (sq / n - mean.pow(2).sum(1)).clamp(min=0)  # mean ‖x‖² − ‖mean x‖²
+    per_pixel = 2 * n / (n - 1) * spread / sum_x.shape[1]
+    return float(per_pixel.sqrt().mean())
+
+
+def _diversity_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] -> [B, C·h·w] float64, area-downsampled to at most DIVERSITY_SIDE pixels a side
+    (the per-prompt sums then stay small for any resolution)."""
+    h, w = min(images.shape[-2], DIVERSITY_SIDE), min(images.shape[-1], DIVERSITY_SIDE)
+    if (h, w) != tuple(images.shape[-2:]):
+        images = F.interpolate(images.float(), size=(h, w), mode="area")
+    return images.flatten(1).double()
 
 
 class TrainingError(RuntimeError):
@@ -180,7 +210,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        """Deterministic (no churn) samples for a fixed prompt list and fixed seeds; mean of each metric."""
+        """Deterministic (no churn) samples for a fixed prompt list and fixed seeds; mean of each metric,
+        and ``eval/pixel_diversity``: for each prompt with at least 2 of the images, the RMS pairwise
+        distance per pixel value between its images (values in [0, 1], images area-downsampled to at
+        most 64×64 pixels), averaged over those prompts; absent when no prompt has 2 images. A reward
+        can be bought by drawing one image per prompt: this says whether the images still differ."""
         cfg = self.cfg.eval
         n = cfg.num_images
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
@@ -188,7 +222,17 @@ class Trainer:
         latents = torch.randn(n, *self.model.latent_shape, generator=gen)  # same noise whatever the world size
         per_rank = math.ceil(n / self.world_size)  # equal work on every rank; the padding is masked out
         idx = [(self.rank * per_rank + j) % n for j in range(per_rank)]
-        valid = torch.tensor([self.rank * per_rank + j < n for j in range(per_rank)], device=self.device)
+        is_valid = [self.rank * per_rank + j < n for j in range(per_rank)]
+        valid = torch.tensor(is_valid, device=self.device)
+        # Per-prompt sums for the diversity, over the prompts drawn at least twice (the same on every rank).
+        counts: dict[str, int] = {}
+        for q in prompts:
+            counts[q] = counts.get(q, 0) + 1
+        slot = {q: k for k, q in enumerate(q for q, c in counts.items() if c >= 2)}
+        div_count = div_sq = div_x = None
+        if slot:
+            div_count = torch.zeros(len(slot), dtype=torch.float64, device=self.device)
+            div_sq = torch.zeros_like(div_count)
         t0 = time.time()
         sums = {name: 0.0 for name in ["reward", *self.eval_metrics]}
         mb = self.policy.forward_rows
@@ -203,9 +247,25 @@ class Trainer:
                 sums["reward"] += float((self.reward(p, images)[0] * mask).sum())
                 for name, metric in self.eval_metrics.items():
                     sums[name] += float((metric(p, images).float() * mask).sum())
+                if slot:
+                    x = _diversity_pixels(images)
+                    if div_x is None:  # (every rank samples at least one chunk, so every rank gets here)
+                        div_x = torch.zeros(len(slot), x.shape[1], dtype=torch.float64, device=self.device)
+                    rows = [r for r, q in enumerate(p) if q in slot and is_valid[i + r]]
+                    k = torch.tensor([slot[p[r]] for r in rows], dtype=torch.long, device=self.device)
+                    x = x[rows]
+                    div_count.index_add_(0, k, torch.ones(len(rows), dtype=torch.float64, device=self.device))
+                    div_sq.index_add_(0, k, x.pow(2).sum(1))
+                    div_x.index_add_(0, k, x)
         totals = distributed.sum_over_ranks(list(sums.values()))
-        record = {"epoch": epoch, **{f"eval/{k}": v / n for k, v in zip(sums, totals)},
-                  "seconds": time.time() - t0}
+        record = {"epoch": epoch, **{f"eval/{k}": v / n for k, v in zip(sums, totals)}}
+        if slot:  # one reduction of the per-prompt sums: no images cross ranks
+            P, D = div_x.shape
+            total = distributed.sum_over_ranks(torch.cat([div_count, div_sq, div_x.flatten()]))
+            value = pixel_diversity(total[:P], total[2 * P:].view(P, D), total[P:2 * P])
+            if value is not None:
+                record["eval/pixel_diversity"] = value
+        record["seconds"] = time.time() - t0
         self.report.log("eval", record, self.global_step)
         return record
 
