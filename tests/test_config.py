@@ -23,8 +23,8 @@ def test_defaults_are_the_published_recipe():
     assert cfg.train.pairs_per_epoch == 432 and cfg.train.optimizer_steps_per_epoch == 4
     assert cfg.sampling.steps == 40 and cfg.sampling.churn_weight == 0.0025 and cfg.sampling.guidance_scale == 1.0
     assert cfg.lora.rank == 32 and cfg.lora.alpha == 64 and cfg.lora.init == "gaussian"
-    assert set(cfg.lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                            "add_v_proj", "to_add_out"}
+    assert set(cfg.lora.target_modules) == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # joint attn only
+                                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"}
     assert cfg.checkpoint.every == 5 and cfg.model.resolution == 512 and cfg.model.max_sequence_length == 128
     assert cfg.reward.weights == {"pickscore": 1.0, "vlm_alignment": 0.1}
     s = cfg.sampling  # the published churn schedules' parameters (ALGORITHM.md §1.4)

@@ -40,6 +40,9 @@ def base_args(tool: str, out: Path) -> list[str]:
 def no_model_loading(monkeypatch):
     """Loading a model or sampling fails the test: the mistake must be found before."""
 
+    from fdfo import evaluate, generate  # noqa: F401  (imported first: evaluate binds generate's names on import,
+    #                                      and would keep the stand-in for good if it were imported under the patch)
+
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded although the command line holds a mistake")
 
@@ -50,6 +53,8 @@ def no_model_loading(monkeypatch):
 
 @pytest.fixture
 def no_sampling(monkeypatch):
+    from fdfo import evaluate, generate  # noqa: F401  (see no_model_loading)
+
     def boom(*args, **kwargs):
         raise AssertionError("sampling started although the command line holds a mistake")
 
