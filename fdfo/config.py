@@ -125,6 +125,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     clip_range: float = 0.03
     kl_weight: float = 0.0
+    # FDFO: the fraction of each trajectory's stored steps trained on per epoch (1.0 = all, as published);
+    # each row's steps are drawn uniformly without replacement per epoch (an unbiased estimate of the loss).
+    timestep_fraction: float = 1.0
     seed: int = 0
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
     offload_text_encoders: bool = True  # move text encoders to CPU while training (GPU only)
@@ -376,6 +379,7 @@ _RANGES: dict[str, _Range] = {
     "train.weight_decay": _at_least(0),
     "train.grad_clip": _at_least(0),
     "train.clip_range": _above(0),
+    "train.timestep_fraction": _Range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.kl_weight": _at_least(0),
     "grpo.noise_level": _above(0),
     "grpo.group_size": _at_least(2),

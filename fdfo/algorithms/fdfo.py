@@ -14,10 +14,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed, kernels
-from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, rows_of, valid_values
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, rows_of, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 from fdfo.sampling import churn_schedule, sample_pairs
+
+
+STEPS_STREAM = 8  # derive_seed stream of the epoch's trained-step subsets (train.timestep_fraction)
+
+
+def trained_steps(cfg) -> int:
+    """Stored steps per trajectory trained on each epoch: sampling.steps × train.timestep_fraction, at least 1."""
+    return max(1, round(cfg.sampling.steps * cfg.train.timestep_fraction))
 
 
 class FDFO(Algorithm):
@@ -42,11 +50,12 @@ class FDFO(Algorithm):
             raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
                               f"world size {world_size}")
         pairs_per_rank = t.pairs_per_epoch // world_size
-        elements = 2 * pairs_per_rank * cfg.sampling.steps
+        trained = trained_steps(cfg)
+        elements = 2 * pairs_per_rank * trained
         if elements % t.optimizer_steps_per_epoch:
-            raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x sampling.steps ({cfg.sampling.steps}) "
-                              f"= {elements} training elements must divide into "
-                              f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
+            raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x trained steps per trajectory ({trained}: "
+                              f"sampling.steps x train.timestep_fraction) = {elements} training elements must "
+                              f"divide into train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
         per_step = elements // t.optimizer_steps_per_epoch
         if per_step % t.micro_batch_rows:
             raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
@@ -78,10 +87,21 @@ class FDFO(Algorithm):
                 xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
         x0 = torch.cat(x0)  # [2P, C, H, W]
         return Batch(prompts=[p for p in prompts for _ in range(2)], images=pol.decode(x0),
-                     data=dict(cond=cond, xs=torch.cat(xs), vs=torch.cat(vs), x0=x0))
+                     data=dict(cond=cond, xs=torch.cat(xs), vs=torch.cat(vs), x0=x0, steps=self._steps(epoch)))
+
+    def _steps(self, epoch: int) -> torch.Tensor | None:
+        """The steps each row of the epoch trains on, [rows over all ranks, K] (the same on every rank),
+        K = trained_steps; None when every step is trained (the published default)."""
+        T, K = self.cfg.sampling.steps, trained_steps(self.cfg)
+        if K == T:
+            return None
+        rows = 2 * self.cfg.train.pairs_per_epoch
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch, STEPS_STREAM))
+        return torch.rand(rows, T, generator=gen).argsort(dim=1)[:, :K].sort(dim=1).values
 
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float):
-        """Element e = (row, step) of the global list -> the FD loss of a micro-batch of elements."""
+        """Element e = (row, j) of the global list -> the FD loss of a micro-batch of elements; j is the
+        row's j-th trained step (every step, or the epoch's drawn subset under train.timestep_fraction)."""
         cfg, pol, T = self.cfg, self.policy, self.cfg.sampling.steps
         d, dR, ms = kernels.pair_delta(batch.data["x0"], rewards, backend=pol.kernels)
         cond = batch.data["cond"]
@@ -89,9 +109,15 @@ class FDFO(Algorithm):
                                                     cond.pooled)
         cond = Conditioning(embeds, pooled)  # [pairs over all ranks, ...]
         sigmas = pol.sigmas.to(pol.device)
+        steps = batch.data["steps"]
+        K = T if steps is None else steps.shape[1]
+        if steps is not None:
+            steps = steps.to(pol.device)
 
         def micro_loss(idx: torch.Tensor):
-            rows, k = idx // T, idx % T
+            rows, k = idx // K, idx % K
+            if steps is not None:
+                k = steps[rows, k]
             x, v_ref, c = xs[rows, k], vs[rows, k], cond[rows // 2]  # [mb, C, H, W]
             v = pol.train_velocity(x, sigmas[k], c)
             loss, metrics = kernels.fd_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range, ms=ms[rows],

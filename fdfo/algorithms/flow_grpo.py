@@ -114,6 +114,13 @@ class FlowGRPO(Algorithm):
     kl_key = "grpo.kl_beta"
 
     @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.train.timestep_fraction != 1.0:
+            raise ConfigError(f"config key 'train.timestep_fraction' is {cfg.train.timestep_fraction}, an FDFO option; "
+                              "Flow-GRPO trains the leading grpo.train_steps steps of each trajectory")
+
+    @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
         g, mb = cfg.grpo, cfg.train.micro_batch_rows
         if g.groups_per_epoch % world_size:
