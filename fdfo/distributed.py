@@ -7,6 +7,7 @@
     sum_over_ranks(values)    float64 all-reduce of a list of numbers or of a tensor
     mean_over_ranks(named)    the mean over ranks of named numbers (step and reward metrics)
     gather_rows(x)            concatenation of a per-rank tensor over ranks, in rank order
+    fetch_rows(x, rows)       gather_rows(x)[rows] without the gather: an all-to-all moves only those rows
     rank0_first()             rank 0 runs the block first (building shared assets: cached base
                               models, reward weights); the others wait, then run it too and load
 
@@ -138,6 +139,35 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def fetch_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``gather_rows(x)[rows]``, moving only the rows asked for.
+
+    ``rows`` are indices into the rank-major concatenation of every rank's ``x`` (each rank holds
+    the same number of rows). Each rank tells each owner which of its rows it wants (an all-to-all
+    of indices), then every owner sends those rows (a second all-to-all): a rank receives what it
+    asked for, not the whole epoch. Collective: every rank calls it, each with its own ``rows``.
+    """
+    if not active():
+        return x[rows.to(x.device)]
+    n, world, dev = x.shape[0], dist.get_world_size(), _reduce_device()
+    rows = rows.to(dev, torch.int64)
+    owner = torch.div(rows, n, rounding_mode="floor")
+    by_owner = torch.argsort(owner, stable=True)
+    want = (rows[by_owner] % n).contiguous()
+    send_counts = torch.bincount(owner, minlength=world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
+    asked = torch.empty(sum(recv_split), dtype=torch.int64, device=dev)
+    dist.all_to_all_single(asked, want, output_split_sizes=recv_split, input_split_sizes=send_split)
+    payload = x[asked.to(x.device)].contiguous()
+    got = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(got, payload, output_split_sizes=send_split, input_split_sizes=recv_split)
+    out = torch.empty_like(got)
+    out[by_owner.to(x.device)] = got
+    return out
 
 
 @contextlib.contextmanager

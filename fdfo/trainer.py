@@ -138,7 +138,7 @@ class Trainer:
 
         if self.device.type == "cuda" and cfg.train.offload_text_encoders:
             self.model.move_text_encoders("cpu")
-        micro_loss = self.algorithm.elements(batch, R, r_std)
+        micro_loss = self.algorithm.elements(batch, R, r_std, self.my_elements(epoch))
         record.update(self.optimize(epoch, micro_loss))
         t_done = time.time()
         rows = R.numel() * self.world_size
@@ -168,8 +168,8 @@ class Trainer:
             {f"reward/{name}": float(values[torch.isfinite(values)].mean()) for name, values in parts.items()}))
         return record, r_std, int(n_bad)
 
-    def optimize(self, epoch: int, micro_loss) -> dict:
-        """The epoch's optimizer steps over the globally shuffled training elements."""
+    def my_elements(self, epoch: int) -> torch.Tensor:
+        """This rank's slice of the epoch's global permutation of training elements, in training order."""
         E = self.layout.elements_per_rank
         perm = torch.randperm(E * self.world_size,
                               generator=torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch,
@@ -178,14 +178,19 @@ class Trainer:
         checksum = float((perm[:4096].double() * torch.arange(min(4096, perm.numel()))).sum())
         if abs(distributed.sum_over_ranks([checksum])[0] / self.world_size - checksum) > 0.5:
             raise RuntimeError("the global shuffle differs between ranks (check that every rank runs the same config)")
-        mine = perm[self.rank * E:(self.rank + 1) * E].to(self.device)
+        return perm[self.rank * E:(self.rank + 1) * E]
+
+    def optimize(self, epoch: int, micro_loss) -> dict:
+        """The epoch's optimizer steps over this rank's elements (``micro_loss(positions)``, in order)."""
+        E = self.layout.elements_per_rank
         mb, steps, accum = self.layout.micro_batch_rows, self.layout.optimizer_steps, self.layout.grad_accum
         sums: dict[str, float] = {}
         bar = tqdm(total=E // mb, desc=f"epoch {epoch + 1} train", disable=not self.progress, leave=False)
         for s in range(steps):
             acc: dict[str, float] = {}
             for m in range(accum):
-                loss, metrics = micro_loss(mine[(s * accum + m) * mb:][:mb])
+                start = (s * accum + m) * mb
+                loss, metrics = micro_loss(torch.arange(start, start + mb, device=self.device))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became non-finite at epoch {epoch + 1}, step {s + 1}; the weights were not "

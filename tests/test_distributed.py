@@ -23,10 +23,18 @@ from tests.test_train import tiny_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> str:
+# The trainer with the elements' rows all-gathered (every rank holds the epoch), instead of exchanged:
+# the reference the exchange must equal bit for bit.
+GATHERING_TRAINER = ("import sys; from fdfo import distributed as d; "
+                     "d.fetch_rows = lambda x, rows: d.gather_rows(x)[rows.to(x.device)]; "
+                     "from fdfo.train import main; sys.exit(main())")
+
+
+def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False) -> str:
     """``fdfo/train.py`` on ``ranks`` local ranks, started the way DeepSpeed's launcher starts them (the
     same environment, LOCAL_SIZE included, so DeepSpeed takes its shared-memory path) but without the
-    launcher process itself; tests/test_train.py runs the real launcher."""
+    launcher process itself; tests/test_train.py runs the real launcher. ``gather``: the reference
+    trainer that all-gathers the epoch's rows."""
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     port = free_port()
@@ -35,7 +43,8 @@ def launch(ranks: int, cfg, tmp_path: Path, *extra: str) -> str:
         env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-u", "fdfo/train.py", "--config", str(path), *extra],
+        entry = ["-c", GATHERING_TRAINER] if gather else ["fdfo/train.py"]
+        procs.append(subprocess.Popen([sys.executable, "-u", *entry, "--config", str(path), *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -173,3 +182,23 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
     changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert changed, "full fine-tuning under ZeRO-3 did not change the exported weights"
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+@pytest.mark.parametrize("algorithm, ranks", [("fdfo", 2), ("fdfo", 4), ("flow_grpo", 2)])
+def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline_dir, digit_reward_dir,
+                                                         algorithm, ranks):
+    """Each rank fetches only the rows its slice of the global shuffle references: after an epoch the
+    adapter is bit-identical to the one trained with every rank holding the whole epoch."""
+    sections = dict(train={"algorithm": algorithm, "epochs": 1, "optimizer_steps_per_epoch": 2,
+                           "micro_batch_rows": 4 if algorithm == "fdfo" else 3},
+                    grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0},
+                    eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False})
+    runs = {}
+    for gather in (False, True):
+        run = tmp_path / f"{'gather' if gather else 'exchange'}"
+        launch(ranks, tiny_run(run, tiny_pipeline_dir, digit_reward_dir, **sections), tmp_path, gather=gather)
+        runs[gather] = adapter(run, 1)
+    assert runs[False].keys() == runs[True].keys()
+    for k in runs[True]:
+        assert torch.equal(runs[False][k], runs[True][k]), k
+    assert records(tmp_path / "exchange", "step")[0]["loss"] == records(tmp_path / "gather", "step")[0]["loss"]

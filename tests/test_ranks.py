@@ -108,3 +108,45 @@ def test_deepspeed_cpu_shared_memory_buffer_is_removed_at_exit():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not buffer.exists()
+
+
+FETCH_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from fdfo import distributed
+
+    distributed.init(deepspeed=False)
+    rank, world, out = distributed.rank(), distributed.world_size(), sys.argv[1]
+    seed = int(sys.argv[2])
+    g = torch.Generator().manual_seed(seed * 100 + rank)  # each rank's own rows and requests
+    x = torch.randn(5, 3, 2, generator=g)
+    ok = []
+    for n in (0, 1, 7, 40):  # nothing, one row, fewer than the rows, repeats (more than the rows)
+        rows = torch.randint(5 * world, (n,), generator=g)
+        got = distributed.fetch_rows(x, rows)
+        ok.append(torch.equal(got, distributed.gather_rows(x)[rows]))
+    json.dump(ok, open(os.path.join(out, f"fetch{rank}.json"), "w"))
+    distributed.close()
+""")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fetch_rows_is_the_gathered_rows_bit_for_bit(tmp_path, world):
+    """Each rank asks for its own random rows (empty, repeated, any owner): it gets exactly what indexing
+    the full all-gather would give, while only those rows travel."""
+    import json
+    import random
+
+    script = tmp_path / "fetch.py"
+    script.write_text(FETCH_WORKER)
+    port = _port()
+    seed = random.randrange(10**6)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(seed)], cwd=ROOT, env=dict(
+        os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), stderr=subprocess.PIPE, text=True)
+        for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    for r in range(world):
+        assert json.loads((tmp_path / f"fetch{r}.json").read_text()) == [True] * 4, r

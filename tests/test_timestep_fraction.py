@@ -57,17 +57,22 @@ def test_each_element_is_the_full_paths_element_of_its_drawn_step(tmp_path, tiny
     R, _ = t.reward(batch.prompts, batch.images)
     table = batch.data["steps"]
     T, K = cfg.sampling.steps, table.shape[1]
-    sub = t.algorithm.elements(batch, R, float(R.std()))
+    ids = torch.randperm(table.numel())  # the subset path's elements (row, j), in a random order
+    rows, j = ids // K, ids % K
+    sub = t.algorithm.elements(batch, R, float(R.std()), ids)
     full = t.algorithm.elements(type(batch)(batch.prompts, batch.images, dict(batch.data, steps=None)), R,
-                                float(R.std()))
+                                float(R.std()), rows * T + table[rows, j])
     g = torch.Generator().manual_seed(random.randrange(1000))
     for _ in range(3):
-        idx = torch.randperm(table.numel(), generator=g)[:2]
-        rows, j = idx // K, idx % K
+        p = torch.randperm(ids.numel(), generator=g)[:2]
         with torch.no_grad():
-            a, _ = sub(idx)
-            b, _ = full(rows * T + table[rows, j])
+            a, _ = sub(p)
+            b, _ = full(p)
         assert float(a) == float(b)
+    with torch.no_grad():  # (and the mapping matters: another step of the same rows gives another loss)
+        assert float(full(torch.arange(2))[0]) != float(t.algorithm.elements(
+            type(batch)(batch.prompts, batch.images, dict(batch.data, steps=None)), R, float(R.std()),
+            rows[:2] * T + (table[rows[:2], j[:2]] + 1) % T)(torch.arange(2))[0])
 
 
 def test_an_epoch_trains_on_half_the_steps(tmp_path, tiny_pipeline_dir, digit_reward_dir):

@@ -193,15 +193,18 @@ class Algorithm(ABC):
         """This rank's batch of the epoch, drawn from generators seeded by (seed, epoch, global index)."""
 
     @abstractmethod
-    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float) -> MicroLoss:
-        """The micro-batch loss over the epoch's global list of training elements (rank-major:
-        this rank's elements are [rank·E, (rank + 1)·E)). Collective: every rank calls it."""
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor) -> MicroLoss:
+        """The micro-batch loss of this rank's training elements: ``order`` holds their ids in the
+        epoch's global list (rank-major over the ranks' rows: the element ids of rank r's rows come
+        before rank r + 1's), in training order, and ``micro_loss(p)`` is the loss of ``order[p]``.
+        Collective: every rank calls it, and fetches the rows its elements need (``fetch``)."""
 
     def throughput(self, rows: int, seconds: float) -> dict[str, float]:
         """Extra throughput figures of an epoch of ``rows`` images (over all ranks)."""
         return {}
 
 
-def rows_of(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's rows of each per-row tensor, in rank order (the global lists the elements index)."""
-    return [distributed.gather_rows(t) for t in tensors]
+def fetch(rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Rows ``rows`` (global, rank-major) of each per-row tensor: only the rows this rank's elements
+    reference travel (``distributed.fetch_rows``), about 1/N of the epoch on N ranks."""
+    return [distributed.fetch_rows(t, rows) for t in tensors]

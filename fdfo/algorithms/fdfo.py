@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed, kernels
-from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, rows_of, valid_values
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, fetch, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 from fdfo.sampling import churn_schedule, sample_pairs
@@ -99,31 +99,32 @@ class FDFO(Algorithm):
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch, STEPS_STREAM))
         return torch.rand(rows, T, generator=gen).argsort(dim=1)[:, :K].sort(dim=1).values
 
-    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float):
-        """Element e = (row, j) of the global list -> the FD loss of a micro-batch of elements; j is the
-        row's j-th trained step (every step, or the epoch's drawn subset under train.timestep_fraction)."""
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
+        """Element (row, j) -> the FD loss; j is the row's j-th trained step (every step, or the epoch's
+        drawn subset under train.timestep_fraction). Only the states, velocities, pair differences and
+        prompt embeddings of this rank's elements are fetched from the ranks that sampled them."""
         cfg, pol, T = self.cfg, self.policy, self.cfg.sampling.steps
-        d, dR, ms = kernels.pair_delta(batch.data["x0"], rewards, backend=pol.kernels)
-        cond = batch.data["cond"]
-        xs, vs, d, dR, ms, embeds, pooled = rows_of(batch.data["xs"], batch.data["vs"], d, dR, ms, cond.embeds,
-                                                    cond.pooled)
-        cond = Conditioning(embeds, pooled)  # [pairs over all ranks, ...]
-        sigmas = pol.sigmas.to(pol.device)
+        d, dR, ms = kernels.pair_delta(batch.data["x0"], rewards, backend=pol.kernels)  # this rank's rows
         steps = batch.data["steps"]
         K = T if steps is None else steps.shape[1]
+        rows, k = order // K, order % K
         if steps is not None:
-            steps = steps.to(pol.device)
+            k = steps[rows, k]
+        xs, vs = fetch(rows * T + k, batch.data["xs"].flatten(0, 1), batch.data["vs"].flatten(0, 1))
+        uniq, slot = torch.unique(rows, return_inverse=True)  # per-row values travel once per row
+        d, dR, ms = fetch(uniq, d, dR, ms)
+        pairs, pair_slot = torch.unique(rows // 2, return_inverse=True)
+        embeds, pooled = fetch(pairs, batch.data["cond"].embeds, batch.data["cond"].pooled)
+        dev = pol.device
+        sigma, slot, pair_slot = pol.sigmas.to(dev)[k.to(dev)], slot.to(dev), pair_slot.to(dev)
 
-        def micro_loss(idx: torch.Tensor):
-            rows, k = idx // K, idx % K
-            if steps is not None:
-                k = steps[rows, k]
-            x, v_ref, c = xs[rows, k], vs[rows, k], cond[rows // 2]  # [mb, C, H, W]
-            v = pol.train_velocity(x, sigmas[k], c)
-            loss, metrics = kernels.fd_loss(v, v_ref, d[rows], dR[rows], cfg.train.clip_range, ms=ms[rows],
+        def micro_loss(p: torch.Tensor):
+            x, v_ref, r, c = xs[p], vs[p], slot[p], Conditioning(embeds[pair_slot[p]], pooled[pair_slot[p]])
+            v = pol.train_velocity(x, sigma[p], c)
+            loss, metrics = kernels.fd_loss(v, v_ref, d[r], dR[r], cfg.train.clip_range, ms=ms[r],
                                             backend=pol.kernels)
             if cfg.train.kl_weight > 0:
-                kl = (v - pol.base_velocity(x, sigmas[k], c)).pow(2).mean()
+                kl = (v - pol.base_velocity(x, sigma[p], c)).pow(2).mean()
                 loss = loss + cfg.train.kl_weight * kl
                 metrics["kl"] = kl.detach()
             return loss, metrics

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed
-from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, rows_of, valid_values
+from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, fetch, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 
@@ -168,30 +168,38 @@ class FlowGRPO(Algorithm):
         return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1]),
                      data=dict(cond=cond, xs=xs, logps=torch.cat(logps)))
 
-    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float):
-        """Element e = (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row."""
+    def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
+        """Element (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row; only
+        what this rank's elements reference is fetched from the ranks that sampled it."""
         cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
         K = train_steps(cfg)
-        adv = group_advantages(rewards, G, reward_std, cfg.grpo.adv_clip)
-        cond = batch.data["cond"]
-        xs, logps, adv, embeds, pooled = rows_of(batch.data["xs"], batch.data["logps"], adv, cond.embeds,
-                                                 cond.pooled)
-        cond = Conditioning(embeds, pooled)  # [groups over all ranks, ...]
+        adv = group_advantages(rewards, G, reward_std, cfg.grpo.adv_clip)  # needs this rank's whole groups
+        xs, logps = batch.data["xs"], batch.data["logps"]  # [rows, T + 1, ...], [rows, T]
+        rows, k = order // K, order % K
+        at = rows * xs.shape[1] + k  # the element's state in this rank's flattened [rows · (T + 1)]
+        (x_now,), (x_next,) = fetch(at, xs.flatten(0, 1)), fetch(at + 1, xs.flatten(0, 1))
+        (logp_old,) = fetch(rows * logps.shape[1] + k, logps.flatten(0, 1))
+        uniq, slot = torch.unique(rows, return_inverse=True)
+        (adv,) = fetch(uniq, adv)
+        groups, group_slot = torch.unique(rows // G, return_inverse=True)
+        embeds, pooled = fetch(groups, batch.data["cond"].embeds, batch.data["cond"].pooled)
         sig = [float(v) for v in pol.sigmas]
-        coef = torch.tensor([sde_coefficients(sig[k], sig[k + 1], cfg.grpo.noise_level) for k in range(len(sig) - 1)],
+        coef = torch.tensor([sde_coefficients(sig[i], sig[i + 1], cfg.grpo.noise_level) for i in range(len(sig) - 1)],
                             device=pol.device)  # [T, 4]: x weight, v weight, step std, σ_t
-        sigmas = pol.sigmas.to(pol.device)
+        dev = pol.device
+        k, slot, group_slot = k.to(dev), slot.to(dev), group_slot.to(dev)
+        sigmas = pol.sigmas.to(dev)
 
-        def micro_loss(idx: torch.Tensor):
-            rows, k = idx // K, idx % K
-            x, x_next, c = xs[rows, k], xs[rows, k + 1], cond[rows // G]
-            x_w, v_w, std, sigma_t = coef[k].T  # each [mb]
-            v = pol.train_velocity(x, sigmas[k], c)
+        def micro_loss(p: torch.Tensor):
+            x, c = x_now[p], Conditioning(embeds[group_slot[p]], pooled[group_slot[p]])
+            kp = k[p]
+            x_w, v_w, std, sigma_t = coef[kp].T  # each [mb]
+            v = pol.train_velocity(x, sigmas[kp], c)
             mean = sde_mean(x.float(), v, x_w, v_w)
-            loss, metrics = grpo_loss(gaussian_logp(x_next, mean, std), logps[rows, k], adv[rows],
+            loss, metrics = grpo_loss(gaussian_logp(x_next[p], mean, std), logp_old[p], adv[slot[p]],
                                       cfg.grpo.clip_range)
             if cfg.grpo.kl_beta > 0:
-                mean_ref = sde_mean(x.float(), pol.base_velocity(x, sigmas[k], c), x_w, v_w)
+                mean_ref = sde_mean(x.float(), pol.base_velocity(x, sigmas[kp], c), x_w, v_w)
                 kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * sigma_t ** 2)).mean()
                 loss = loss + cfg.grpo.kl_beta * kl
                 metrics["kl"] = kl.detach()
