@@ -50,6 +50,9 @@ class ModelConfig:
     max_sequence_length: int = 128  # T5 tokens
     resolution: int = 512  # image side in pixels, a multiple of 16 (SD3: VAE factor 8 × patch 2)
     cache_dir: str | None = None  # where builtin models are kept (default ~/.cache/fdfo)
+    # The attention kernel: "native" (PyTorch SDPA picks one) or a PyTorch SDPA kernel forced:
+    # "_native_flash", "_native_cudnn", "_native_efficient", "_native_math" (checked when the model loads).
+    attention_backend: str = "native"
 
 
 # The published adapter's modules: the joint attention's projections (image and text stream) of every
@@ -134,6 +137,9 @@ class TrainConfig:
     # torch.compile the trained transformer through DeepSpeed's engine.compile (in place: the calls
     # that sample from the module itself run compiled too). The first epoch pays the compilation.
     compile: bool = False
+    # Recompute each transformer block's activations in the backward pass instead of keeping them (diffusers'
+    # own gradient checkpointing): less memory for 1024² or full fine-tuning, about a third more training compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -355,6 +361,11 @@ _RANGES: dict[str, _Range] = {
     "model.resolution": _Range(lambda v: v > 0 and v % 16 == 0,
                                "a positive multiple of 16 (SD3: VAE factor 8 × patch 2)"),
     "model.max_sequence_length": _at_least(1),
+    "model.attention_backend": _Range(lambda v: v in ("native", "_native_flash", "_native_cudnn", "_native_efficient",
+                                                      "_native_math"),
+                                      "native, _native_flash, _native_cudnn, _native_efficient or _native_math "
+                                      "(SD3's attention calls PyTorch SDPA directly: flash-attn, sage and xformers "
+                                      "cannot reach it)"),
     "lora.rank": _above(0),
     "lora.alpha": _above(0),
     "sampling.steps": _above(0),

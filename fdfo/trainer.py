@@ -100,6 +100,8 @@ class Trainer:
             self.model.add_lora(cfg.lora)
         else:
             self.model.enable_full_finetune()
+        if cfg.train.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.engine = Engine(cfg, self.model, self.layout)
         self.policy = Policy(cfg, self.model, self.engine, self.device)
         self.algorithm = algorithm(cfg, self.policy, self.prompts, self.layout)

@@ -22,12 +22,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = None,
                     progress: bool = True) -> SD3FlowModel:
-    """The model of a ``ModelConfig`` (path, revision, dtype, text length, resolution, cache_dir) on ``device``."""
+    """The model of a ``ModelConfig`` (path, revision, dtype, text length, resolution, cache_dir, attention
+    backend) on ``device``."""
     path = tasks.resolve_model_path(model_cfg.path, model_cfg.cache_dir, progress=progress)
-    return SD3FlowModel(
+    model = SD3FlowModel(
         path, device=device, dtype=resolve_dtype(model_cfg.dtype, device), revision=model_cfg.revision,
         max_sequence_length=model_cfg.max_sequence_length, resolution=model_cfg.resolution, shift=shift,
     )
+    model.set_attention_backend(model_cfg.attention_backend)
+    return model
 
 
 __all__ = ["Conditioning", "SD3FlowModel", "load_flow_model", "resolve_dtype"]

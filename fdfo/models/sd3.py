@@ -9,6 +9,7 @@ to images in [0, 1] (x/2 + 1/2, clamped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fdfo.config import LoraConfig
+from fdfo.config import ConfigError, LoraConfig
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
               "tokenizer", "tokenizer_2", "tokenizer_3")
@@ -109,6 +110,7 @@ class SD3FlowModel:
         self.transformer.requires_grad_(False)
         # Under ZeRO-3 the engine sets a persistent unpartitioned copy here, which sampling uses.
         self.inference_transformer: nn.Module | None = None
+        self.attention_backend, self._sdpa_kernel = "native", None
         self.max_sequence_length = max_sequence_length
         self.vae = parts["vae"]
         scale = self.pipe.vae_scale_factor if self.vae is not None else 1
@@ -128,6 +130,39 @@ class SD3FlowModel:
         """Put the text encoders on ``device`` (the GPU to encode, the CPU to free memory while training)."""
         for module in self.text_encoders():
             module.to(device)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Choose the attention kernel: ``native`` (PyTorch SDPA picks one), or one of PyTorch's SDPA
+        kernels forced (``_native_flash``, ``_native_cudnn``, ``_native_efficient``, ``_native_math``).
+
+        diffusers' SD3 attention processor calls PyTorch SDPA directly rather than dispatching through
+        diffusers' attention backends, so the backends outside PyTorch (flash-attn, FlashAttention-3,
+        SageAttention, xformers) cannot reach it: asking for one is a ConfigError that says so.
+        The choice applies to every forward of this model (sampling, its CUDA graph, training, the
+        inference copy), through ``torch.nn.attention.sdpa_kernel``."""
+        from torch.nn.attention import SDPBackend
+
+        kernels = {"native": None, "_native_flash": SDPBackend.FLASH_ATTENTION,
+                   "_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "_native_math": SDPBackend.MATH}
+        if name not in kernels:
+            raise ConfigError(f"model.attention_backend '{name}' is not available for SD3: diffusers' SD3 attention "
+                              "calls PyTorch's scaled_dot_product_attention directly, so only PyTorch's kernels "
+                              f"apply; valid values: {', '.join(kernels)}")
+        self.attention_backend, self._sdpa_kernel = name, kernels[name]
+
+    def _attention(self):
+        """The context every transformer forward runs in: the chosen SDPA kernel, or PyTorch's choice."""
+        if self._sdpa_kernel is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(self._sdpa_kernel)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute block activations in backward (diffusers' mechanism); sampling, without gradients, is
+        unaffected."""
+        self.transformer.enable_gradient_checkpointing()
 
     def add_lora(self, cfg: LoraConfig) -> None:
         """LoRA via peft on the attention projections; trainable weights kept in fp32."""
@@ -185,8 +220,9 @@ class SD3FlowModel:
     def _forward(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # The timestep stays fp32 (the scheduler's `timesteps`) whatever the weights' dtype: in bf16,
         # 1000·σ would move by up to 3 of 1000, off the times the base model was trained at.
-        out = net(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
-                  encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled, return_dict=False)[0]
+        with self._attention():
+            out = net(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
+                      encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled, return_dict=False)[0]
         return out.float()
 
     @torch.no_grad()
