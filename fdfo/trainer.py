@@ -141,7 +141,7 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.offload_text_encoders:
             self.model.move_text_encoders("cpu")
         micro_loss = self.algorithm.elements(batch, R, r_std, self.my_elements(epoch))
-        record.update(self.optimize(epoch, micro_loss))
+        record.update(self.optimize(epoch, micro_loss), trajectory_mib=self.algorithm.held_bytes / 2**20)
         t_done = time.time()
         rows = R.numel() * self.world_size
         record.update(skipped=False, sample_s=t_sampled - t_start, train_s=t_done - t_sampled,

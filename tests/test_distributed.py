@@ -202,3 +202,9 @@ def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline
     for k in runs[True]:
         assert torch.equal(runs[False][k], runs[True][k]), k
     assert records(tmp_path / "exchange", "step")[0]["loss"] == records(tmp_path / "gather", "step")[0]["loss"]
+    if algorithm == "fdfo":  # rank 0 held its own xs, vs and its elements' fetched ones: 1/ranks of the epoch each
+        cfg = tiny_run(tmp_path / "x", tiny_pipeline_dir, digit_reward_dir, **sections)
+        epoch_rows_steps = 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps
+        latent_bytes = 4 * 8 * 8 * 4  # [4, 8, 8] fp32
+        expected = 2 * 2 * epoch_rows_steps // ranks * latent_bytes / 2**20
+        assert records(tmp_path / "exchange", "epoch")[0]["trajectory_mib"] == pytest.approx(expected)

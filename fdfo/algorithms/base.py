@@ -167,6 +167,9 @@ class Algorithm(ABC):
     """An RL algorithm the trainer drives (see the module docstring)."""
 
     summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
+    # Bytes of trajectory tensors this rank held for the last epoch's training: its own samples plus
+    # what it fetched for its elements (logged per epoch as trajectory_mib).
+    held_bytes: int = 0
     kl_key: ClassVar[str]  # the config key of the algorithm's KL weight ("section.name")
     grid_group: int = 2  # consecutive images of one sampling unit (a pair), one row of the sample grid
 

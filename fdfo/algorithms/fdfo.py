@@ -111,6 +111,7 @@ class FDFO(Algorithm):
         if steps is not None:
             k = steps[rows, k]
         xs, vs = fetch(rows * T + k, batch.data["xs"].flatten(0, 1), batch.data["vs"].flatten(0, 1))
+        self.held_bytes = sum(t.numel() * t.element_size() for t in (batch.data["xs"], batch.data["vs"], xs, vs))
         uniq, slot = torch.unique(rows, return_inverse=True)  # per-row values travel once per row
         d, dR, ms = fetch(uniq, d, dR, ms)
         pairs, pair_slot = torch.unique(rows // 2, return_inverse=True)

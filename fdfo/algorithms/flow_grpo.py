@@ -179,6 +179,7 @@ class FlowGRPO(Algorithm):
         at = rows * xs.shape[1] + k  # the element's state in this rank's flattened [rows · (T + 1)]
         (x_now,), (x_next,) = fetch(at, xs.flatten(0, 1)), fetch(at + 1, xs.flatten(0, 1))
         (logp_old,) = fetch(rows * logps.shape[1] + k, logps.flatten(0, 1))
+        self.held_bytes = sum(t.numel() * t.element_size() for t in (xs, x_now, x_next))
         uniq, slot = torch.unique(rows, return_inverse=True)
         (adv,) = fetch(uniq, adv)
         groups, group_slot = torch.unique(rows // G, return_inverse=True)
