@@ -46,6 +46,11 @@ def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False) -
         entry = ["-c", GATHERING_TRAINER] if gather else ["fdfo/train.py"]
         procs.append(subprocess.Popen([sys.executable, "-u", *entry, "--config", str(path), *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return wait_all(procs)
+
+
+def wait_all(procs: list) -> str:
+    """Wait for every process (killing the rest if one wait fails); each must exit 0. Their joined output."""
     outputs = []
     try:
         for proc in procs:
@@ -208,3 +213,41 @@ def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline
         latent_bytes = 4 * 8 * 8 * 4  # [4, 8, 8] fp32
         expected = 2 * 2 * epoch_rows_steps // ranks * latent_bytes / 2**20
         assert records(tmp_path / "exchange", "epoch")[0]["trajectory_mib"] == pytest.approx(expected)
+
+
+def launch_nodes(nodes: int, cfg, tmp_path: Path, *extra: str) -> str:
+    """``deepspeed fdfo/train.py`` as ``nodes`` nodes of one rank each, every node started by hand (no ssh:
+    ``--no_ssh --node_rank``) on this machine with the master on 127.0.0.1, as a cluster's scheduler would."""
+    path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(nodes)))
+    port = free_port()
+    launcher = Path(sys.executable).with_name("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([str(launcher), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "fdfo/train.py",
+                               "--config", str(path), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(nodes)]
+    return wait_all(procs)
+
+
+def test_two_nodes_train_save_and_resume_like_one_node(tmp_path, tiny_pipeline_dir, digit_reward_dir, odd_prompts,
+                                                       one_rank):
+    """Two "nodes" of one rank each (global ranks 0 and 1, local rank 0 on both): the same step as one node,
+    one writer per checkpoint file, and a resume on the two nodes that repeats the epoch exactly."""
+    nodes = tmp_path / "nodes"
+    cfg = _cfg(nodes, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2)
+    out = launch_nodes(2, cfg, tmp_path)
+    assert out.count("checkpoint written") == 2  # one line per checkpoint: global rank 0 reports and writes
+    w_nodes, w_one = adapter(nodes, 1), adapter(one_rank, 1)
+    for k in w_one:
+        torch.testing.assert_close(w_nodes[k], w_one[k], rtol=1e-4, atol=1e-6)
+    ckpt = nodes / "checkpoints" / "epoch_0001"
+    assert sorted(p.name for p in (ckpt / "state").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    resumed = tmp_path / "nodes_resumed"
+    cfg.log.out_dir = str(resumed)
+    launch_nodes(2, cfg, tmp_path, "--resume", str(ckpt))
+    for k in w_one:
+        assert torch.equal(adapter(resumed, 2)[k], adapter(nodes, 2)[k]), k

@@ -110,7 +110,7 @@ def pretrain_digits_base(out_dir: Path, reward_dir: Path, *, seed: int = 0, max_
             net.train()
             history.append({"step": step, "loss": float(loss.detach()), "accuracy": acc,
                             "seconds": round(time.time() - start, 1)})
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
             if acc >= target_accuracy:
                 break
     net.eval()
