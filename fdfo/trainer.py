@@ -33,6 +33,7 @@ from fdfo.rewards import build_reward, build_weighted_reward
 from fdfo.sampling import sample_deterministic
 
 SHUFFLE_STREAM = 7  # derive_seed stream of the epoch's global permutation
+ADAPTER_STREAM = 9  # derive_seed stream of the LoRA initialisation
 DIVERSITY_SIDE = 64  # eval/pixel_diversity compares images area-downsampled to at most this many pixels a side
 
 
@@ -97,6 +98,9 @@ class Trainer:
                                                     cfg.model.cache_dir, batch_size=cfg.reward.batch_size)
                                  for name in cfg.eval.metrics}
         if cfg.lora.enabled:
+            # Seeded here, not only at start-up: building a base model on first use (a built-in task's
+            # pretraining) draws from the same generator, and the adapter must not depend on the cache.
+            torch.manual_seed(derive_seed(cfg.train.seed, ADAPTER_STREAM))
             self.model.add_lora(cfg.lora)
         else:
             self.model.enable_full_finetune()

@@ -3,6 +3,7 @@ exact resume, adapter export, bad input."""
 
 import json
 import math
+import random
 import os
 import subprocess
 import sys
@@ -281,3 +282,24 @@ def test_grad_norm_before_clipping_is_logged_at_zero_stage_0(tmp_path, tiny_pipe
     assert len(logged) == len(seen) == 2
     assert logged == pytest.approx(seen, rel=1e-5)
     assert min(seen) > 1e-8  # the clip bit: the norm logged is the one before clipping
+
+
+def test_the_adapter_initialisation_does_not_depend_on_earlier_draws(tmp_path, tiny_pipeline_dir, digit_reward_dir,
+                                                                     monkeypatch):
+    """A first run builds and caches a built-in base model while it loads, which draws from the global
+    generator; the adapter must start the same whether or not that happened."""
+    from fdfo import trainer
+    from fdfo.trainer import Trainer
+
+    a = lora_weights(Trainer(tiny_run(tmp_path / "a", tiny_pipeline_dir, digit_reward_dir, **QUIET)))
+    load = trainer.load_flow_model
+
+    def load_after_pretraining(*args, **kwargs):
+        torch.rand(random.randrange(1, 1000))  # what pretraining the base model in this process draws
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "load_flow_model", load_after_pretraining)
+    b = lora_weights(Trainer(tiny_run(tmp_path / "b", tiny_pipeline_dir, digit_reward_dir, **QUIET)))
+    assert any(v.abs().sum() > 0 for v in a.values())
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
