@@ -149,12 +149,12 @@ def test_shipped_configs_load_and_builtin_digits_is_the_preset():
     preset = tasks.preset("builtin:digits")
     assert preset == DIGITS and preset is not DIGITS
     preset["train"]["epochs"] = 1  # a copy: changing it leaves the task's default job alone
-    assert DIGITS["train"]["epochs"] == 30
+    assert DIGITS["train"]["epochs"] == 25
     cfg = build_config(tasks.preset("builtin:digits"))
     assert cfg == build_config(DIGITS)
     # The default job the README describes.
     assert cfg.model.path == cfg.data.prompts == "builtin:digits" and cfg.model.resolution == 16
-    assert (cfg.train.epochs, cfg.train.pairs_per_epoch, cfg.sampling.steps, cfg.lora.rank) == (30, 64, 10, 16)
+    assert (cfg.train.epochs, cfg.train.pairs_per_epoch, cfg.sampling.steps, cfg.lora.rank) == (25, 64, 10, 16)
     assert cfg.train.learning_rate == 3e-4 and cfg.train.clip_range == 0.3
     assert cfg.sampling.churn_schedule == "interval" and cfg.sampling.churn_weight == 0.02
     assert cfg.reward.weights == {"digit_probability": 1.0} and cfg.eval.every == 5 and cfg.eval.num_images == 200
