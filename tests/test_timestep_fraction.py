@@ -55,6 +55,9 @@ def test_each_element_is_the_full_paths_element_of_its_drawn_step(tmp_path, tiny
     t = Trainer(cfg)
     batch = t.algorithm.sample(0)
     R, _ = t.reward(batch.prompts, batch.images)
+    with torch.no_grad():  # move the policy off the sampling one: each element's loss then depends on its step
+        for p in t.model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     table = batch.data["steps"]
     T, K = cfg.sampling.steps, table.shape[1]
     ids = torch.randperm(table.numel())  # the subset path's elements (row, j), in a random order
