@@ -36,10 +36,13 @@ def _raise(signum, frame):
 
 
 def install() -> None:
-    """SIGTERM as an exception, and the launcher watchdog (main thread only; idempotent)."""
+    """SIGTERM and SIGINT as an exception, and the launcher watchdog (main thread only; idempotent)."""
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _raise)
+    # Also Ctrl-C, explicitly: a process started in the background of a non-interactive shell inherits
+    # SIGINT ignored, and would then never stop on it.
+    signal.signal(signal.SIGINT, _raise)
     launchers = launcher_ancestors()
     if launchers and not any(t.name == "fdfo-launcher-watch" for t in threading.enumerate()):
         threading.Thread(target=_watch, args=(launchers,), name="fdfo-launcher-watch", daemon=True).start()
