@@ -39,6 +39,12 @@ TRAINER_FILE = "trainer.json"  # epoch, step, ZeRO stage and the run config, rea
 _NAME = re.compile(r"^epoch_(\d+)$")
 
 
+def latest_in(root: str | Path) -> Path | None:
+    """The checkpoint the ``latest`` pointer of a checkpoints folder names, or None when there is none."""
+    pointer = Path(root) / LATEST
+    return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message names the cause and the checkpoint still usable."""
 
@@ -60,8 +66,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names, or None when the run has none."""
-        pointer = self.root / LATEST
-        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+        return latest_in(self.root)
 
     # ------------------------------------------------------------------ save
 

@@ -386,21 +386,12 @@ def prepare_out_dir(path: str | Path, flag: str = "--out") -> Path:
 
 
 def read_prompts(args) -> list[str]:
-    """The prompts of ``--prompts`` (a file or a built-in set) or ``--prompt``; a file that cannot be read
-    is a one-line error too."""
+    """The prompts of ``--prompts`` (a file or a built-in set) or ``--prompt``."""
     from fdfo.prompts import load_prompts
 
     if not args.prompts:
         return list(args.prompt)
-    if Path(args.prompts).expanduser().is_dir():
-        raise ValueError(f"prompt file '{args.prompts}' is a directory; give a text file with one prompt per line")
-    try:
-        return load_prompts(args.prompts)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ValueError(f"prompt file '{args.prompts}' cannot be read ({exc.strerror or exc}); "
-                         "check its permissions") from exc
+    return load_prompts(args.prompts)  # (a missing, unreadable or empty file: one line, from load_prompts)
 
 
 def resolve(args) -> tuple[Checkpoint | None, dict]:

@@ -22,8 +22,9 @@ def load_prompts(spec: str) -> list[str]:
                                 f"(data.prompts) or one of {', '.join(tasks.names())}")
     try:
         text = path.read_text(encoding="utf-8")
-    except PermissionError as exc:
-        raise ConfigError(f"prompt file '{spec}' cannot be read ({exc.strerror}); check its permissions") from None
+    except OSError as exc:  # (a permission, an I/O error; the file exists)
+        raise ConfigError(f"prompt file '{spec}' cannot be read ({exc.strerror or exc}); check its permissions") \
+            from None
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"prompt file '{spec}' is not UTF-8 text (bad byte on line {line}); "

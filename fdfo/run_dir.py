@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdfo import distributed
-from fdfo.checkpoint import LATEST, STATE_TAG, TRAINER_FILE
+from fdfo.checkpoint import LATEST, STATE_TAG, TRAINER_FILE, latest_in
 from fdfo.config import ConfigError, RunConfig
 
 # What a run writes into log.out_dir; a directory holding any of these holds a run.
@@ -191,12 +191,11 @@ def _find_checkpoint(out_dir: Path, resume: str) -> Path | None:
 
 
 def _latest(root: Path) -> Path | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
+    path = latest_in(root)
+    if path is None:
         return None
-    path = root / pointer.read_text().strip()
     if not (path / TRAINER_FILE).is_file():
-        raise RunDirError(f"'{pointer}' names '{path.name}', which is not a complete checkpoint; resume from "
+        raise RunDirError(f"'{root / LATEST}' names '{path.name}', which is not a complete checkpoint; resume from "
                           f"one of {sorted(p.name for p in root.glob('epoch_*'))} with --resume DIR")
     return path
 

@@ -90,11 +90,11 @@ def _last_checkpoint(cfg) -> str:
     """Where an interrupted run can continue from."""
     from pathlib import Path
 
-    from fdfo.checkpoint import LATEST
+    from fdfo.checkpoint import latest_in
 
-    pointer = Path(cfg.log.out_dir) / "checkpoints" / LATEST
-    if pointer.is_file():
-        return f"the last complete checkpoint is '{pointer.parent / pointer.read_text().strip()}': continue with --resume"
+    latest = latest_in(Path(cfg.log.out_dir) / "checkpoints")
+    if latest is not None:
+        return f"the last complete checkpoint is '{latest}': continue with --resume"
     return "no checkpoint was written yet"
 
 

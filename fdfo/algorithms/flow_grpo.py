@@ -177,7 +177,8 @@ class FlowGRPO(Algorithm):
         xs, logps = batch.data["xs"], batch.data["logps"]  # [rows, T + 1, ...], [rows, T]
         rows, k = order // K, order % K
         at = rows * xs.shape[1] + k  # the element's state in this rank's flattened [rows · (T + 1)]
-        (x_now,), (x_next,) = fetch(at, xs.flatten(0, 1)), fetch(at + 1, xs.flatten(0, 1))
+        (states,) = fetch(torch.cat([at, at + 1]), xs.flatten(0, 1))  # one exchange for both states
+        x_now, x_next = states.chunk(2)
         (logp_old,) = fetch(rows * logps.shape[1] + k, logps.flatten(0, 1))
         self.held_bytes = sum(t.numel() * t.element_size() for t in (xs, x_now, x_next))
         uniq, slot = torch.unique(rows, return_inverse=True)
