@@ -133,3 +133,62 @@ def build_tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     return pipe
+
+
+def build_tiny_flux_pipeline(
+    *,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    clip_hidden: int = 32,
+    t5_dim: int = 32,
+    max_text_tokens: int = 16,
+    guidance_embeds: bool = True,
+    seed: int = 0,
+):
+    """A FluxPipeline with the real component classes at tiny random size.
+
+    As FLUX.1: 16 latent channels packed into 2×2 patches (transformer in_channels 64), a CLIP text
+    model for the pooled vector and T5 for the sequence, a VAE with FLUX's scaling and shift factors
+    (one down-sampling block here, so the image side is 2× the latent side), and the scheduler's
+    resolution-dependent shift. ``guidance_embeds``: FLUX.1 [dev]'s distilled guidance input (False:
+    [schnell]'s architecture).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    latent_channels = 16
+    torch.manual_seed(seed)
+    # The rotary axes (text index, row, column) split each head's dimensions as FLUX's (16, 56, 56) splits 128.
+    rope_side = attention_head_dim * 7 // 16 // 2 * 2
+    rope = (attention_head_dim - 2 * rope_side, rope_side, rope_side)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=rope,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_text_tokens,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+    ))
+    tokenizer_2 = ByT5Tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(max_text_tokens),
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
