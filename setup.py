@@ -25,7 +25,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0"],
+        # ftfy: open_clip's tokenizer, the reference of the HPSv2 conversion test (tests/test_convert_hpsv2.py)
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0", "ftfy"],
         "flash": ["flash-attn>=2.6"],
         "vlm": ["qwen-vl-utils"],
         "logging": ["wandb", "tensorboard"],

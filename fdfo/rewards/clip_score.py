@@ -9,7 +9,7 @@ similarity is scaled:
   with ViT-L/14 (``clip_score``) or ViT-H/14 (``clip_score_h14``);
 * HPSv2: ``100·cos`` of the HPSv2 fine-tuned ViT-H/14 (the HPSv2 paper's
   tables report this ×100 value); only where its weights are given, in
-  transformers ``CLIPModel`` format;
+  transformers ``CLIPModel`` format (``convert_hpsv2.py`` converts the released ones);
 * PickScore (``pickscore.py``): ``logit_scale·cos``.
 
 Images go through the checkpoint's own image processor (resize, centre crop,
@@ -94,9 +94,9 @@ class HPSv2(ClipModel):
 
     The official weights are an open_clip checkpoint (HPS_v2_compressed.pt /
     HPS_v2.1_compressed.pt); this class reads them once converted to a
-    transformers CLIPModel directory (with the CLIP-H tokenizer and image
-    processor saved beside them). There is no default: without weights the
-    metric is reported as not available.
+    transformers CLIPModel directory with its tokenizer and image processor
+    (``python -m fdfo.rewards.convert_hpsv2 HPS_v2.1_compressed.pt DIR``, offline).
+    There is no default: without weights the metric is reported as not available.
     """
 
     name = "hpsv2"
@@ -105,8 +105,9 @@ class HPSv2(ClipModel):
     def __init__(self, path: str | None = None, **kwargs):
         if path in (None, "", "default"):
             raise RewardUnavailable(
-                "HPSv2 is not available: no weights given. Convert the HPSv2 open_clip checkpoint to a "
-                "transformers CLIPModel directory and pass it (reward.paths.hpsv2 or --path hpsv2=DIR)")
+                "HPSv2 is not available: no weights given. Convert the HPSv2 open_clip checkpoint "
+                "(python -m fdfo.rewards.convert_hpsv2 HPS_v2.1_compressed.pt DIR) and pass DIR "
+                "(reward.paths.hpsv2 or --path hpsv2=DIR)")
         super().__init__(path, **kwargs)
 
     def _score_batch(self, prompts: list[str], images: Tensor) -> Tensor:
