@@ -140,6 +140,9 @@ class TrainConfig:
     # Recompute each transformer block's activations in the backward pass instead of keeping them (diffusers'
     # own gradient checkpointing): less memory for 1024² or full fine-tuning, about a third more training compute.
     gradient_checkpointing: bool = False
+    # Where the epoch's stored trajectories wait between sampling and training: "device" (the GPU), or
+    # "host": pinned CPU memory, copied back one micro-batch ahead of training (fdfo/trajectories.py).
+    trajectory_device: str = field(default="device", metadata=_choices("device", "host"))
 
 
 @dataclass

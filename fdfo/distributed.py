@@ -141,18 +141,44 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def fetch_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def fetch_rows(x: torch.Tensor, rows: torch.Tensor, *, into: torch.device | None = None, pin: bool = False,
+               chunk_rows: int | None = None) -> torch.Tensor:
     """``gather_rows(x)[rows]``, moving only the rows asked for.
 
     ``rows`` are indices into the rank-major concatenation of every rank's ``x`` (each rank holds
     the same number of rows). Each rank tells each owner which of its rows it wants (an all-to-all
     of indices), then every owner sends those rows (a second all-to-all): a rank receives what it
     asked for, not the whole epoch. Collective: every rank calls it, each with its own ``rows``.
+
+    into: where the result is made (default: ``x``'s device), in pinned memory if ``pin``.
+    chunk_rows: at most this many of the asked rows per collective round (every rank runs as many
+    rounds as the rank that asks most), so that when the collectives need device tensors (NCCL)
+    and ``x`` or the result live in host memory, the device holds one round's rows at a time.
     """
+    out = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=into or x.device,
+                      pin_memory=pin and (into or x.device).type == "cpu")
     if not active():
-        return x[rows.to(x.device)]
-    n, world, dev = x.shape[0], dist.get_world_size(), _reduce_device()
+        step, rows = chunk_rows or max(rows.numel(), 1), rows.to(x.device)
+        for i in range(0, rows.numel(), step):
+            out[i:i + step] = x[rows[i:i + step]]
+        return out
+    dev = _reduce_device()
     rows = rows.to(dev, torch.int64)
+    if chunk_rows is None:
+        rounds, chunk_rows = 1, max(rows.numel(), 1)
+    else:
+        most = torch.tensor([rows.numel()], device=dev)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        rounds = -(-int(most) // chunk_rows)
+    for r in range(rounds):
+        part = rows[r * chunk_rows:(r + 1) * chunk_rows]
+        out[r * chunk_rows:r * chunk_rows + part.numel()] = _exchange(x, part, dev)
+    return out
+
+
+def _exchange(x: torch.Tensor, rows: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """One round of ``fetch_rows``: the rows ``rows`` (on the collectives' device ``dev``) of ``x``, on ``dev``."""
+    n, world = x.shape[0], dist.get_world_size()
     owner = torch.div(rows, n, rounding_mode="floor")
     by_owner = torch.argsort(owner, stable=True)
     want = (rows[by_owner] % n).contiguous()
@@ -162,11 +188,11 @@ def fetch_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
     asked = torch.empty(sum(recv_split), dtype=torch.int64, device=dev)
     dist.all_to_all_single(asked, want, output_split_sizes=recv_split, input_split_sizes=send_split)
-    payload = x[asked.to(x.device)].contiguous()
-    got = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=x.device)
+    payload = x[asked.to(x.device)].to(dev).contiguous()
+    got = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=dev)
     dist.all_to_all_single(got, payload, output_split_sizes=send_split, input_split_sizes=recv_split)
     out = torch.empty_like(got)
-    out[by_owner.to(x.device)] = got
+    out[by_owner] = got
     return out
 
 

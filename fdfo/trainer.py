@@ -145,7 +145,8 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.offload_text_encoders:
             self.model.move_text_encoders("cpu")
         micro_loss = self.algorithm.elements(batch, R, r_std, self.my_elements(epoch))
-        record.update(self.optimize(epoch, micro_loss), trajectory_mib=self.algorithm.held_bytes / 2**20)
+        record.update(self.optimize(epoch, micro_loss), trajectory_mib=self.algorithm.held_bytes / 2**20,
+                      trajectory_device_mib=self.algorithm.device_held_bytes / 2**20)
         t_done = time.time()
         rows = R.numel() * self.world_size
         record.update(skipped=False, sample_s=t_sampled - t_start, train_s=t_done - t_sampled,

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The trainer with the elements' rows all-gathered (every rank holds the epoch), instead of exchanged:
 # the reference the exchange must equal bit for bit.
 GATHERING_TRAINER = ("import sys; from fdfo import distributed as d; "
-                     "d.fetch_rows = lambda x, rows: d.gather_rows(x)[rows.to(x.device)]; "
+                     "d.fetch_rows = lambda x, rows, **where: d.gather_rows(x)[rows.to(x.device)]; "
                      "from fdfo.train import main; sys.exit(main())")
 
 
-def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False) -> str:
+def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False, extra_env: dict | None = None) -> str:
     """``fdfo/train.py`` on ``ranks`` local ranks, started the way DeepSpeed's launcher starts them (the
     same environment, LOCAL_SIZE included, so DeepSpeed takes its shared-memory path) but without the
     launcher process itself; tests/test_train.py runs the real launcher. ``gather``: the reference
@@ -42,7 +42,7 @@ def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False) -
     for rank in range(ranks):
         env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port)
+                   MASTER_PORT=port, **(extra_env or {}))
         entry = ["-c", GATHERING_TRAINER] if gather else ["fdfo/train.py"]
         procs.append(subprocess.Popen([sys.executable, "-u", *entry, "--config", str(path), *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -193,7 +193,8 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
 def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline_dir, digit_reward_dir,
                                                          algorithm, ranks):
     """Each rank fetches only the rows its slice of the global shuffle references: after an epoch the
-    adapter is bit-identical to the one trained with every rank holding the whole epoch."""
+    adapter is bit-identical to the one trained with every rank holding the whole epoch. On 2 ranks,
+    FDFO also runs with its trajectories in host memory (exchanged in chunks of one row): the same again."""
     sections = dict(train={"algorithm": algorithm, "epochs": 1, "optimizer_steps_per_epoch": 2,
                            "micro_batch_rows": 4 if algorithm == "fdfo" else 3},
                     grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0},
@@ -207,6 +208,15 @@ def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline
     for k in runs[True]:
         assert torch.equal(runs[False][k], runs[True][k]), k
     assert records(tmp_path / "exchange", "step")[0]["loss"] == records(tmp_path / "gather", "step")[0]["loss"]
+    if algorithm == "fdfo" and ranks == 2:
+        sections["train"]["trajectory_device"] = "host"
+        launch(ranks, tiny_run(tmp_path / "host", tiny_pipeline_dir, digit_reward_dir, **sections), tmp_path,
+               extra_env={"FDFO_TRAJECTORY_CHUNK_BYTES": "1"})
+        host = adapter(tmp_path / "host", 1)
+        for k in runs[False]:
+            assert torch.equal(host[k], runs[False][k]), k
+        assert records(tmp_path / "host", "epoch")[0]["trajectory_device_mib"] < \
+            records(tmp_path / "exchange", "epoch")[0]["trajectory_device_mib"]
     if algorithm == "fdfo":  # rank 0 held its own xs, vs and its elements' fetched ones: 1/ranks of the epoch each
         cfg = tiny_run(tmp_path / "x", tiny_pipeline_dir, digit_reward_dir, **sections)
         epoch_rows_steps = 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps

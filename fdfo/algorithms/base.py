@@ -32,6 +32,7 @@ import torch
 from fdfo import distributed
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
+from fdfo.trajectories import TrajectoryStore
 
 # A micro-batch loss: global element indices [mb] (this rank's slice of the shuffle) -> (loss, metrics).
 MicroLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -168,7 +169,7 @@ class Algorithm(ABC):
 
     summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
     # Bytes of trajectory tensors this rank held for the last epoch's training: its own samples plus
-    # what it fetched for its elements (logged per epoch as trajectory_mib).
+    # what it fetched for its elements (logged per epoch as trajectory_mib), wherever they lived.
     held_bytes: int = 0
     kl_key: ClassVar[str]  # the config key of the algorithm's KL weight ("section.name")
     grid_group: int = 2  # consecutive images of one sampling unit (a pair), one row of the sample grid
@@ -185,6 +186,14 @@ class Algorithm(ABC):
 
     def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
         self.cfg, self.policy, self.prompts, self.layout = cfg, policy, prompts, layout
+        # Sampled trajectories and the fetched elements live here: on the device or in host memory.
+        self.store = TrajectoryStore(cfg.train.trajectory_device, policy.device)
+
+    @property
+    def device_held_bytes(self) -> int:
+        """The most trajectory bytes on the training device at once in the last epoch (logged as
+        trajectory_device_mib): all of ``held_bytes``, or about a micro-batch's with trajectories in host memory."""
+        return self.store.device_bytes if self.store.host else self.held_bytes
 
     @classmethod
     @abstractmethod
@@ -200,14 +209,16 @@ class Algorithm(ABC):
         """The micro-batch loss of this rank's training elements: ``order`` holds their ids in the
         epoch's global list (rank-major over the ranks' rows: the element ids of rank r's rows come
         before rank r + 1's), in training order, and ``micro_loss(p)`` is the loss of ``order[p]``.
-        Collective: every rank calls it, and fetches the rows its elements need (``fetch``)."""
+        Collective: every rank calls it, and fetches the rows its elements need (``self.store.fetch``)."""
 
     def throughput(self, rows: int, seconds: float) -> dict[str, float]:
         """Extra throughput figures of an epoch of ``rows`` images (over all ranks)."""
         return {}
 
 
+
 def fetch(rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Rows ``rows`` (global, rank-major) of each per-row tensor: only the rows this rank's elements
-    reference travel (``distributed.fetch_rows``), about 1/N of the epoch on N ranks."""
+    """Rows ``rows`` (global, rank-major) of small per-row tensors (pair differences, embeddings) on
+    their device: only the rows this rank's elements reference travel (``distributed.fetch_rows``).
+    Trajectory tensors go through ``Algorithm.store.fetch``, which may keep them in host memory."""
     return [distributed.fetch_rows(t, rows) for t in tensors]

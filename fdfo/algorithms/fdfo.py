@@ -18,6 +18,7 @@ from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, 
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
 from fdfo.sampling import churn_schedule, sample_pairs
+from fdfo.trajectories import nbytes
 
 
 STEPS_STREAM = 8  # derive_seed stream of the epoch's trained-step subsets (train.timestep_fraction)
@@ -71,6 +72,7 @@ class FDFO(Algorithm):
         prompts = [self.prompts[j] for b in batches
                    for j in torch.randint(len(self.prompts), (b.size,), generator=b.gen_cpu).tolist()]
         xs, vs, x0 = [], [], []
+        self.store.new_epoch()
         with pol.sampling():
             cond = pol.encode(prompts)  # [P, ...]
             for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
@@ -84,7 +86,9 @@ class FDFO(Algorithm):
                 else:
                     traj = sample_pairs(pol.velocity_fn(rows_cond), latents, pol.sigmas, g_prior, g_steps,
                                         b.gen_dev)
-                xs.append(traj.xs), vs.append(traj.vs), x0.append(traj.x0)
+                kept_xs, kept_vs = self.store.keep(traj.xs, traj.vs)  # on the device or in host memory
+                xs.append(kept_xs), vs.append(kept_vs), x0.append(traj.x0)
+                del traj  # (a host store's device originals go before the next micro-batch samples)
         x0 = torch.cat(x0)  # [2P, C, H, W]
         return Batch(prompts=[p for p in prompts for _ in range(2)], images=pol.decode(x0),
                      data=dict(cond=cond, xs=torch.cat(xs), vs=torch.cat(vs), x0=x0, steps=self._steps(epoch)))
@@ -110,8 +114,9 @@ class FDFO(Algorithm):
         rows, k = order // K, order % K
         if steps is not None:
             k = steps[rows, k]
-        xs, vs = fetch(rows * T + k, batch.data["xs"].flatten(0, 1), batch.data["vs"].flatten(0, 1))
-        self.held_bytes = sum(t.numel() * t.element_size() for t in (batch.data["xs"], batch.data["vs"], xs, vs))
+        xs, vs = self.store.fetch(rows * T + k, batch.data["xs"].flatten(0, 1), batch.data["vs"].flatten(0, 1))
+        self.held_bytes = nbytes(batch.data["xs"], batch.data["vs"], xs, vs)
+        serve = self.store.server(xs, vs)
         uniq, slot = torch.unique(rows, return_inverse=True)  # per-row values travel once per row
         d, dR, ms = fetch(uniq, d, dR, ms)
         pairs, pair_slot = torch.unique(rows // 2, return_inverse=True)
@@ -120,7 +125,7 @@ class FDFO(Algorithm):
         sigma, slot, pair_slot = pol.sigmas.to(dev)[k.to(dev)], slot.to(dev), pair_slot.to(dev)
 
         def micro_loss(p: torch.Tensor):
-            x, v_ref, r, c = xs[p], vs[p], slot[p], Conditioning(embeds[pair_slot[p]], pooled[pair_slot[p]])
+            (x, v_ref), r, c = serve(p), slot[p], Conditioning(embeds[pair_slot[p]], pooled[pair_slot[p]])
             v = pol.train_velocity(x, sigma[p], c)
             loss, metrics = kernels.fd_loss(v, v_ref, d[r], dR[r], cfg.train.clip_range, ms=ms[r],
                                             backend=pol.kernels)

@@ -25,6 +25,7 @@ from fdfo import distributed
 from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, fetch, valid_values
 from fdfo.config import ConfigError
 from fdfo.models import Conditioning
+from fdfo.trajectories import nbytes
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -155,6 +156,7 @@ class FlowGRPO(Algorithm):
         prompts = [self.prompts[i] for i in everyone[distributed.rank() * groups:][:groups].tolist()]
         mb = pol.forward_rows
         xs, logps = [], []
+        self.store.new_epoch()
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
             for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
@@ -163,9 +165,11 @@ class FlowGRPO(Algorithm):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, cfg.grpo.noise_level,
                                   b.gen_dev)
-                xs.append(traj.xs), logps.append(traj.logps)
+                (kept,) = self.store.keep(traj.xs)  # on the device or in host memory
+                xs.append(kept), logps.append(traj.logps)
+                del traj  # (a host store's device original goes before the next micro-batch samples)
         xs = torch.cat(xs)  # [rows, T + 1, C, H, W]
-        return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1]),
+        return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1].to(pol.device)),
                      data=dict(cond=cond, xs=xs, logps=torch.cat(logps)))
 
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
@@ -177,10 +181,11 @@ class FlowGRPO(Algorithm):
         xs, logps = batch.data["xs"], batch.data["logps"]  # [rows, T + 1, ...], [rows, T]
         rows, k = order // K, order % K
         at = rows * xs.shape[1] + k  # the element's state in this rank's flattened [rows · (T + 1)]
-        (states,) = fetch(torch.cat([at, at + 1]), xs.flatten(0, 1))  # one exchange for both states
+        (states,) = self.store.fetch(torch.cat([at, at + 1]), xs.flatten(0, 1))  # one exchange for both states
         x_now, x_next = states.chunk(2)
+        serve = self.store.server(x_now, x_next)
         (logp_old,) = fetch(rows * logps.shape[1] + k, logps.flatten(0, 1))
-        self.held_bytes = sum(t.numel() * t.element_size() for t in (xs, x_now, x_next))
+        self.held_bytes = nbytes(xs, x_now, x_next)
         uniq, slot = torch.unique(rows, return_inverse=True)
         (adv,) = fetch(uniq, adv)
         groups, group_slot = torch.unique(rows // G, return_inverse=True)
@@ -193,12 +198,12 @@ class FlowGRPO(Algorithm):
         sigmas = pol.sigmas.to(dev)
 
         def micro_loss(p: torch.Tensor):
-            x, c = x_now[p], Conditioning(embeds[group_slot[p]], pooled[group_slot[p]])
+            (x, x_next_p), c = serve(p), Conditioning(embeds[group_slot[p]], pooled[group_slot[p]])
             kp = k[p]
             x_w, v_w, std, sigma_t = coef[kp].T  # each [mb]
             v = pol.train_velocity(x, sigmas[kp], c)
             mean = sde_mean(x.float(), v, x_w, v_w)
-            loss, metrics = grpo_loss(gaussian_logp(x_next[p], mean, std), logp_old[p], adv[slot[p]],
+            loss, metrics = grpo_loss(gaussian_logp(x_next_p, mean, std), logp_old[p], adv[slot[p]],
                                       cfg.grpo.clip_range)
             if cfg.grpo.kl_beta > 0:
                 mean_ref = sde_mean(x.float(), pol.base_velocity(x, sigmas[kp], c), x_w, v_w)
