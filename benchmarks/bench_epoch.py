@@ -68,10 +68,17 @@ from fdfo.atomic import write_text
 from fdfo.models.flavours import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST = {"train": {"kernels": "auto"}, "sampling": {"cuda_graphs": True}}
 VARIANTS = {
-    "fast": {"train": {"kernels": "auto"}, "sampling": {"cuda_graphs": True}},
+    "fast": FAST,
     "published": {"train": {"kernels": "torch"}, "sampling": {"cuda_graphs": False}},
+    # The levers for large models, each on top of the fast path (--variants; run_gpu.sh's "levers" part):
+    # trajectories in pinned host memory, and each of PyTorch's SDPA kernels forced.
+    "host": {**FAST, "train": {**FAST["train"], "trajectory_device": "host"}},
+    **{f"sdpa_{k}": {**FAST, "model": {"attention_backend": f"_native_{k}"}}
+       for k in ("flash", "cudnn", "efficient", "math")},
 }
+DEFAULT_VARIANTS = ("fast", "published")
 
 SD35_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
@@ -239,6 +246,8 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
     result = {
         "variant": variant, "kernels": cfg.train.kernels, "cuda_graphs": cfg.sampling.cuda_graphs,
         "sampler": sampler, "kernel_backend": trainer.policy.kernels,
+        "trajectory_device": cfg.train.trajectory_device, "attention_backend": cfg.model.attention_backend,
+        "trajectory_mib": rec.get("trajectory_mib"), "trajectory_device_mib": rec.get("trajectory_device_mib"),
         "pairs": cfg.train.pairs_per_epoch, "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance_scale,
         "micro_batch_pairs": cfg.sampling.micro_batch_pairs, "micro_batch_rows": cfg.train.micro_batch_rows,
         "warmup_epochs": args.warmup_epochs, "warmup": warmup, "setup_s": setup_s,
@@ -274,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--micro-rows", type=int, default=None, help="train.micro_batch_rows (default 6; --tiny 4)")
     parser.add_argument("--optimizer-steps", type=int, default=4, help="train.optimizer_steps_per_epoch")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="untimed epochs before the timed one")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                        help="fast and published by default; host and sdpa_* are the large-model levers (a lever "
+                             "this GPU cannot run is recorded with its error, and the others still run)")
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (CPU smoke run)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak for MFU (default: by GPU name, fdfo.flops.PEAK_BF16_TFLOPS)")
@@ -318,7 +329,16 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         for v in args.variants:
-            results.append(run_variant(args, v, pipeline_dir, reward_dir, work))
+            try:
+                results.append(run_variant(args, v, pipeline_dir, reward_dir, work))
+            except Exception as exc:  # e.g. an SDPA kernel this GPU or dtype does not support
+                if v in DEFAULT_VARIANTS:
+                    raise
+                results.append({"variant": v, "error": f"{type(exc).__name__}: {exc}"[:400], "pairs_per_s": None})
+                print(f"{v:>9}: failed: {results[-1]['error']}", flush=True)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             by = {r["variant"]: r for r in results}
             if "fast" in by and "published" in by and by["published"]["pairs_per_s"] and by["fast"]["pairs_per_s"]:
                 report["speedup_fast_over_published"] = by["fast"]["pairs_per_s"] / by["published"]["pairs_per_s"]
@@ -330,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'variant':>9} | {'pairs/s':>9} | {'sample_s':>9} | {'train_s':>9} | {'epoch_s':>9} | "
           f"{'sample TF/s':>11} | {'train TF/s':>10} | {'MFU s/t':>11}")
     for r in results:
+        if r.get("error"):
+            print(f"{r['variant']:>9} | failed: {r['error']}")
+            continue
         if r.get("skipped") or r["pairs_per_s"] is None:
             print(f"{r['variant']:>9} | epoch skipped (non-finite rewards)")
             continue

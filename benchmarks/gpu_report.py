@@ -6,7 +6,7 @@
 
 Reads what benchmarks/run_gpu.sh leaves in OUT: run.json, status.jsonl, env.json,
 nvidia-smi.txt, tests.xml, aot.json, kernels.json, sampling_{off,on}.json, epoch.json,
-zero_{lora,full,offload}.jsonl and the parts' logs. Safe on partial results: a part that
+levers.json, zero_{lora,full,offload}.jsonl and the parts' logs. Safe on partial results: a part that
 failed, timed out, was skipped or never finished is listed with its status and the tail of
 its log, and a benchmark whose JSON says ``"complete": false`` is marked partial. The tables
 have the form of benchmarks/RESULTS.md, so recording the figures there is a paste; the raw
@@ -32,7 +32,7 @@ PART_FILES = {
     "env": ["env.json", "nvidia-smi.txt"], "tests": ["tests.xml"], "aot": ["aot.json"],
     "kernels": ["kernels.json"], "sampling_off": ["sampling_off.json"], "sampling_on": ["sampling_on.json"],
     "epoch": ["epoch.json"], "zero_lora": ["zero_lora.jsonl"], "zero_full": ["zero_full.jsonl"],
-    "zero_offload": ["zero_offload.jsonl"],
+    "zero_offload": ["zero_offload.jsonl"], "levers": ["levers.json"],
 }
 INLINE_BYTES = 24_000  # raw JSON up to this size is inlined in the report
 LOG_TAIL = 25
@@ -220,23 +220,28 @@ def section_sampling(d: Path, part: str) -> str:
                                   "bit-equal to eager", "warm-up s", "peak GiB", "note"], rows)
 
 
-def section_epoch(d: Path) -> str:
-    data = read_json(d / "epoch.json")
+def section_epoch(d: Path, name: str = "epoch") -> str:
+    data = read_json(d / f"{name}.json")
     if not data:
         return ""
     rows = []
     for r in data.get("variants", []):
+        if r.get("error"):
+            rows.append([r["variant"], f"failed: {r['error']}"] + ["–"] * 10)
+            continue
         cold = (r.get("warmup") or [{}])[0].get("pairs_per_s") if r.get("warmup") else None
         rows.append([r["variant"], r.get("sampler", "–"), r.get("kernels", "–"), num(r.get("pairs_per_s")),
                      num(r.get("sample_s")), num(r.get("train_s")), num(r.get("epoch_s")), num(cold),
-                     pct(r.get("sample_mfu")), pct(r.get("train_mfu")), num(r.get("peak_gib"))])
+                     pct(r.get("sample_mfu")), pct(r.get("train_mfu")), num(r.get("peak_gib")),
+                     num(r.get("trajectory_device_mib"))])
     ratio = data.get("speedup_fast_over_published")
     head = (f"{data.get('device', '?')}: {data.get('models', '?')}; {data.get('pairs')} pairs, {data.get('steps')} "
             f"steps, guidance {data.get('guidance')}; timed epoch after "
             f"{(data.get('variants') or [{}])[0].get('warmup_epochs', 0)} warm-up epoch(s) (cold = the first epoch)")
     tail = f"\n\nfast / published: **{ratio:.2f}×** pairs/s (same invocation)" if ratio else ""
     return head + "\n\n" + table(["variant", "sampler", "kernels", "pairs/s", "sample s", "train s", "epoch s",
-                                  "cold epoch pairs/s", "sampling MFU", "training MFU", "peak GiB"], rows) + tail
+                                  "cold epoch pairs/s", "sampling MFU", "training MFU", "peak GiB",
+                                  "trajectories on GPU MiB"], rows) + tail
 
 
 def section_zero(d: Path, part: str) -> str:
@@ -263,6 +268,8 @@ SECTIONS = {
     "zero_full": ("ZeRO-3, full fine-tuning (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_full")),
     "zero_offload": ("ZeRO-3 with CPU offload, LoRA (`bench_zero.py`; SD3.5 Large on the GPU)",
                      lambda d: section_zero(d, "zero_offload")),
+    "levers": ("Large-model levers: host trajectories and SDPA kernels, each on the fast path (`bench_epoch.py`)",
+               lambda d: section_epoch(d, "levers")),
 }
 
 

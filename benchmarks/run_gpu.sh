@@ -41,8 +41,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 
 GROUP1="env aot kernels sampling_off zero_lora tests"
-GROUP2="env sampling_on epoch zero_full zero_offload"
-ALL_PARTS="install env tests aot kernels sampling_off sampling_on epoch zero_lora zero_full zero_offload"
+GROUP2="env sampling_on epoch zero_full zero_offload levers"
+ALL_PARTS="install env tests aot kernels sampling_off sampling_on epoch zero_lora zero_full zero_offload levers"
 case "${1:-}" in
 1) PARTS=$GROUP1 ;;
 2) PARTS=$GROUP2 ;;
@@ -238,6 +238,10 @@ part() {
     epoch)
         tiny --tiny --warmup-epochs 1 -- --pairs 6 --warmup-epochs 1
         run_part epoch 180 "$PY" benchmarks/bench_epoch.py "${ARGS[@]}" --out "$OUT/epoch.json" ;;
+    levers)  # the large-model levers, each an epoch on top of the fast path: host trajectories, SDPA kernels
+        tiny --tiny --warmup-epochs 1 --variants fast host sdpa_math -- \
+            --pairs 6 --warmup-epochs 1 --variants fast host sdpa_flash sdpa_cudnn sdpa_efficient
+        run_part levers 300 "$PY" benchmarks/bench_epoch.py "${ARGS[@]}" --out "$OUT/levers.json" ;;
     zero_lora | zero_full | zero_offload)
         local small=(--arch tiny --rows 2 --text-tokens 8 --steps 1 --warmup 0)
         zero_cmd

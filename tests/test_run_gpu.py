@@ -22,11 +22,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
 GROUPS = {"1": ["env", "aot", "kernels", "sampling_off", "zero_lora", "tests"],
-          "2": ["env", "sampling_on", "epoch", "zero_full", "zero_offload"]}
+          "2": ["env", "sampling_on", "epoch", "zero_full", "zero_offload", "levers"]}
 TITLES = {"env": "## Environment", "tests": "## GPU tests", "aot": "## Kernels compiled for sm_90",
           "kernels": "## Kernels against eager", "sampling_off": "## Sampling, CFG off",
           "sampling_on": "## Sampling, CFG on", "epoch": "## One epoch", "zero_lora": "## ZeRO stages, LoRA",
-          "zero_full": "## ZeRO-3, full fine-tuning", "zero_offload": "## ZeRO-3 with CPU offload"}
+          "zero_full": "## ZeRO-3, full fine-tuning", "zero_offload": "## ZeRO-3 with CPU offload",
+          "levers": "## Large-model levers"}
 
 
 def _env(tmp_path: Path, **extra) -> dict:
@@ -136,6 +137,12 @@ def test_dry_run_benchmark_results(dry_run):
     assert by["published"]["sampler"] == "sample_pairs+sync"
     assert epoch["speedup_fast_over_published"] > 0
     assert "fast / published" in (two / "gpu_report.md").read_text()
+
+    levers = {r["variant"]: r for r in json.loads((two / "levers.json").read_text())["variants"]}
+    assert set(levers) == {"fast", "host", "sdpa_math"}
+    assert levers["host"]["trajectory_device"] == "host" and levers["sdpa_math"]["attention_backend"] == "_native_math"
+    assert all(r["pairs_per_s"] > 0 for r in levers.values())
+    assert levers["host"]["trajectory_device_mib"] < levers["fast"]["trajectory_device_mib"]
 
     zero = {p: [json.loads(line) for line in (out / f"{p}.jsonl").read_text().splitlines()]
             for out, p in ((one, "zero_lora"), (two, "zero_full"), (two, "zero_offload"))}
