@@ -16,6 +16,16 @@ weights, or for a built-in task's reward its own models, also named ``builtin``)
 
 Published presets (ALGORITHM.md §2): ``pickscore``, ``vlm_alignment`` and
 ``combined`` (PickScore ×1 + VLM ×0.1, the default); ``preset_weights(name)``.
+
+Diversity metrics of the evaluation (not rewards: they compare a prompt's images with
+each other) are image embedders, ``embed_images(images) -> unit vectors [B, D]``; a
+prompt's diversity is ``mean_pairwise_distance`` of its images' embeddings, the mean
+over pairs of (1 − cos). ``build_diversity(name, path, device)`` loads one:
+
+    name                what                                             weights
+    dreamsim_diversity  DreamSim distance (DINO + CLIP + OpenCLIP        a local DreamSim cache only
+                        ensemble): the published diversity figure        (never downloaded)
+    clip_diversity      1 − cos of CLIP image embeddings (not DreamSim)  a CLIPModel (default ViT-L/14)
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from fdfo.rewards.base import RewardUnavailable, report_nonfinite
+from fdfo.rewards.base import RewardUnavailable, mean_pairwise_distance, report_nonfinite
 
 
 class Reward(Protocol):
@@ -68,6 +78,28 @@ REGISTRY: dict[str, Callable] = {
     "clip_score_h14": _pretrained("fdfo.rewards.clip_score", "ClipScoreH14"),
     "hpsv2": _pretrained("fdfo.rewards.clip_score", "HPSv2"),
 }
+
+
+# name -> (module, class) of the image embedders behind the evaluation's diversity metrics.
+DIVERSITY_METRICS: dict[str, tuple[str, str]] = {
+    "dreamsim_diversity": ("fdfo.rewards.dreamsim", "DreamSimDiversity"),
+    "clip_diversity": ("fdfo.rewards.clip_score", "ClipImageDiversity"),
+}
+
+
+def build_diversity(name: str, path: str | None, device: torch.device | str, /, *, batch_size: int | None = None):
+    """Load diversity metric ``name``'s image embedder (its ``note`` describes the figure).
+
+    ``path``: its weights (None: clip_diversity's default CLIP; dreamsim_diversity has no default and
+    raises RewardUnavailable, reported as not available).
+    """
+    import importlib
+
+    if name not in DIVERSITY_METRICS:
+        raise ValueError(f"unknown diversity metric '{name}'; available: {', '.join(DIVERSITY_METRICS)}")
+    module, cls = DIVERSITY_METRICS[name]
+    options = {"batch_size": batch_size} if batch_size is not None else {}
+    return getattr(importlib.import_module(module), cls)(path, device=device, **options)
 
 
 def reward_factories() -> dict[str, Callable]:
@@ -132,5 +164,6 @@ def build_weighted_reward(weights: dict[str, float], paths: dict[str, str], devi
                            for name, w in weights.items()})
 
 
-__all__ = ["PRESETS", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward", "build_reward",
-           "build_weighted_reward", "preset_weights", "report_nonfinite", "reward_factories"]
+__all__ = ["DIVERSITY_METRICS", "PRESETS", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward",
+           "build_diversity", "build_reward", "build_weighted_reward", "mean_pairwise_distance", "preset_weights",
+           "report_nonfinite", "reward_factories"]

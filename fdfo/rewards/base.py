@@ -123,3 +123,13 @@ def report_nonfinite(name: str, prompts: list[str], scores: Tensor) -> int:
         warnings.warn(f"non-finite reward '{name}' for {len(bad)} of {len(prompts)} image(s): {shown}{more}",
                       stacklevel=2)
     return len(bad)
+
+
+def mean_pairwise_distance(embeddings: Tensor) -> Tensor:
+    """Diversity of a set of unit vectors [R, D]: mean over pairs i<j of (1 − cos); NaN when R < 2."""
+    r = embeddings.shape[0]
+    if r < 2:
+        return torch.tensor(float("nan"))
+    cos = embeddings.float() @ embeddings.float().T
+    iu = torch.triu_indices(r, r, offset=1)
+    return (1.0 - cos[iu[0], iu[1]]).mean()

@@ -1,4 +1,4 @@
-"""CLIP-based scores through transformers' ``CLIPModel``: CLIP score, HPSv2, image embeddings.
+"""CLIP-based scores through transformers' ``CLIPModel``: CLIP score, HPSv2, CLIP diversity.
 
 ``ClipModel`` loads a CLIP checkpoint (hub id or ``save_pretrained`` directory
 holding the model, its tokenizer and its image preprocessor) and embeds
@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# mean_pairwise_distance lives in base (DreamSim uses it too); it is still importable from here.
 from fdfo.rewards.base import (FrozenRewardModel, RewardUnavailable, dtype_kwargs, load_pretrained,
-                               resolve_source, to_uint8)
+                               mean_pairwise_distance, resolve_source, to_uint8)
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -114,19 +115,15 @@ class HPSv2(ClipModel):
         return 100.0 * self.cosine(prompts, images)
 
 
-def mean_pairwise_distance(embeddings: Tensor) -> Tensor:
-    """Diversity of a set of unit vectors [R, D]: mean over pairs i<j of (1 − cos); NaN when R < 2."""
-    r = embeddings.shape[0]
-    if r < 2:
-        return torch.tensor(float("nan"))
-    cos = embeddings.float() @ embeddings.float().T
-    iu = torch.triu_indices(r, r, offset=1)
-    return (1.0 - cos[iu[0], iu[1]]).mean()
-
-
 class ClipImageDiversity(ClipModel):
-    """DreamSim-style diversity of the images of one prompt: mean pairwise (1 − cos) of CLIP image
-    embeddings (ViT-L/14 by default). Not DreamSim itself, whose weights are not a transformers model;
-    it plays the same role: 0 for identical images, larger for more varied ones (at most 2)."""
+    """CLIP diversity of the images of one prompt: mean pairwise (1 − cos) of their CLIP image embeddings
+    (ViT-L/14 by default): 0 for identical images, larger for more varied ones (at most 2). The published
+    diversity figure is DreamSim's (``fdfo.rewards.dreamsim``), a different embedding."""
 
-    name = "diversity"
+    name = "clip_diversity"
+    note = ("mean pairwise (1 - cosine) of CLIP image embeddings across the repeats of each prompt, averaged over "
+            "prompts")
+
+    def diversity(self, images: Tensor) -> Tensor:
+        """The CLIP diversity of one prompt's images (NaN for one image)."""
+        return mean_pairwise_distance(self.embed_images(images).cpu())

@@ -139,7 +139,8 @@ def clip_config(name: str, cfg: dict):
     if vocab != CLIP_VOCAB_SIZE:
         raise ConversionError(f"--arch {name}: a text vocabulary of {vocab} tokens is not the CLIP BPE vocabulary "
                               f"({CLIP_VOCAB_SIZE}); only CLIP-tokenized models are supported")
-    text_config = dict(vocab_size=vocab, hidden_size=width_t, intermediate_size=int(width_t * text.get("mlp_ratio", 4.0)),
+    text_config = dict(vocab_size=vocab, hidden_size=width_t,
+                       intermediate_size=int(width_t * text.get("mlp_ratio", 4.0)),
                        num_hidden_layers=text.get("layers", 12), num_attention_heads=text.get("heads", 8),
                        max_position_embeddings=text.get("context_length", 77), hidden_act=act, layer_norm_eps=eps_t,
                        projection_dim=cfg["embed_dim"], bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
