@@ -2,7 +2,8 @@
 
     python -m fdfo.evaluate --adapter runs/sd35-medium/checkpoints/epoch_0100 \\
         --prompts prompts/hpdv2_photo.txt --repeats 4 --out eval/epoch_0100 \\
-        --metrics pickscore vlm_alignment clip_score clip_score_h14 hpsv2 diversity
+        --metrics pickscore vlm_alignment clip_score clip_score_h14 hpsv2 dreamsim_diversity \\
+        --path hpsv2=/models/hpsv2-hf dreamsim_diversity=/models/dreamsim
     torchrun --nproc_per_node 8 -m fdfo.evaluate ...     # prompts sharded over the ranks
 
 Every prompt is sampled ``--repeats`` times (seeds ``--seed`` + 0, 1, ...) with
@@ -11,13 +12,15 @@ plus checkpoint, from the same latents: the comparison is paired.
 
 Metrics: any reward that ``fdfo.rewards.build_reward`` knows (PickScore, the VLM
 yes/no score, CLIP score with ViT-L/14 and ViT-H/14, HPSv2 where its weights
-are given, the digits task's metrics), averaged over all images, and
-``diversity``: for each prompt the mean pairwise (1 − cosine) of the CLIP
-image embeddings of its repeats (a DreamSim-style diversity computed with
-CLIP, not DreamSim), averaged over prompts. Weights come from ``--path
+are given, the digits task's metrics), averaged over all images, and the
+diversity metrics (``fdfo.rewards.DIVERSITY_METRICS``): for each prompt the
+mean pairwise distance between the images of its repeats, averaged over
+prompts; ``dreamsim_diversity`` is DreamSim's distance (the published figure;
+weights only from a local DreamSim cache), ``clip_diversity`` is (1 − cosine)
+of CLIP ViT-L/14 image embeddings (not DreamSim). Weights come from ``--path
 NAME=DIR`` (default: the run config's ``reward.paths``, else the published
-weights). A metric whose weights are not given (HPSv2) is reported as not
-available. NaN/inf scores are left out of the means, counted and warned about.
+weights). A metric whose weights are not given (HPSv2, DreamSim) is reported as
+not available. NaN/inf scores are left out of the means, counted and warned about.
 
 Under ``torchrun``/``deepspeed`` (or any initialised torch.distributed group)
 rank r evaluates prompts r, r + world, ...; sums are all-reduced and rank 0
@@ -47,12 +50,10 @@ import torch
 from fdfo import atomic, distributed
 from fdfo.generate import (Checkpoint, apply_checkpoint, check_args, check_device, check_model, generate_images,
                            image_grid, load_model, prepare_out_dir, read_prompts, resolve, to_pil)
-from fdfo.rewards import RewardUnavailable, build_reward, report_nonfinite
+from fdfo.rewards import (DIVERSITY_METRICS, RewardUnavailable, build_diversity, build_reward, mean_pairwise_distance,
+                          report_nonfinite)
 
-PUBLISHED_METRICS = ["pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "diversity"]
-DIVERSITY = "diversity"
-DIVERSITY_NOTE = ("mean pairwise (1 - cosine) of CLIP image embeddings across the repeats of each prompt, averaged "
-                  "over prompts (a DreamSim-style diversity computed with CLIP, not DreamSim)")
+PUBLISHED_METRICS = ["pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "dreamsim_diversity"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -60,19 +61,18 @@ DIVERSITY_NOTE = ("mean pairwise (1 - cosine) of CLIP image embeddings across th
 
 def build_metrics(names: list[str], paths: dict[str, str], device: torch.device, *, batch_size: int,
                   cache_dir: str | None = None, reward_device: str | None = None) -> tuple[dict, dict]:
-    """Metric name -> scorer (rewards) or CLIP embedder (diversity); and name -> note for the unavailable.
+    """Metric name -> scorer (rewards) or image embedder (diversity metrics); and name -> note (what a
+    diversity metric is, or why a metric is not available).
 
     The models run on ``reward_device`` when given, else on ``device`` (the generator's).
     """
-    from fdfo.rewards.clip_score import ClipImageDiversity
-
     metrics, notes = {}, {}
     device = torch.device(reward_device) if reward_device else device
     for name in names:
         try:
-            if name == DIVERSITY:
-                metrics[name] = ClipImageDiversity(paths.get(name), device=device, batch_size=batch_size)
-                notes[name] = DIVERSITY_NOTE
+            if name in DIVERSITY_METRICS:
+                metrics[name] = build_diversity(name, paths.get(name), device, batch_size=batch_size)
+                notes[name] = metrics[name].note
             else:
                 metrics[name] = build_reward(name, paths.get(name), device, cache_dir, batch_size=batch_size)
         except RewardUnavailable as exc:
@@ -86,19 +86,19 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
     """Scores of the model's images: prompt i is sampled on rank i % world_size with every seed.
 
     Returns (identical on every rank) per-prompt means [n, M] of the M score metrics, per-prompt
-    diversity [n], the overall means, non-finite counts, and the report images and their scores.
+    values [n, K] of the K diversity metrics, the overall means, non-finite counts, and the report
+    images and their scores.
     """
-    from fdfo.rewards.clip_score import mean_pairwise_distance
-
-    scorers = [k for k in metrics if k != DIVERSITY]
+    scorers = [k for k in metrics if k not in DIVERSITY_METRICS]
+    diversities = [k for k in metrics if k in DIVERSITY_METRICS]
     n, R, M = len(prompts), len(seeds), len(scorers)
     sums, counts, nonfinite = torch.zeros(n, M, dtype=torch.float64), torch.zeros(n, M), torch.zeros(M)
-    diversity = torch.zeros(n, dtype=torch.float64)
+    diversity = torch.zeros(n, len(diversities), dtype=torch.float64)
     shown_p, shown_r = min(n, report_prompts), min(R, report_repeats)
     channels = model.vae.config.out_channels if model.vae is not None else model.latent_shape[0]
-    report_images = torch.zeros(shown_p, shown_r, channels, *_image_size(model), dtype=torch.uint8)  # 8-bit: small
+    report_images = torch.zeros(shown_p, shown_r, channels, *model.image_size(), dtype=torch.uint8)  # 8-bit: small
     report_scores = torch.zeros(shown_p, shown_r, M)
-    embeddings: dict[int, list[torch.Tensor]] = {}
+    embeddings: dict[tuple[int, int], list[torch.Tensor]] = {}  # (prompt, diversity metric) -> embeddings
     items = [(i, r) for i in range(rank, n, world_size) for r in range(R)]
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -111,10 +111,10 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
             s = metrics[name](p, images).float().cpu()
             nonfinite[m] += report_nonfinite(name, p, s)
             scores[:, m] = s
-        if DIVERSITY in metrics:
-            emb = metrics[DIVERSITY].embed_images(images).cpu()
+        for d, name in enumerate(diversities):
+            emb = metrics[name].embed_images(images).cpu()
             for k, (i, _) in enumerate(chunk):
-                embeddings.setdefault(i, []).append(emb[k])
+                embeddings.setdefault((i, d), []).append(emb[k])
         for k, (i, r) in enumerate(chunk):
             finite = torch.isfinite(scores[k])
             sums[i] += torch.where(finite, scores[k], 0.0).double()
@@ -122,8 +122,8 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
             if i < shown_p and r < shown_r:
                 report_images[i, r] = (images[k].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
                 report_scores[i, r] = scores[k]
-    for i, embs in embeddings.items():
-        diversity[i] = mean_pairwise_distance(torch.stack(embs))
+    for (i, d), embs in embeddings.items():
+        diversity[i, d] = mean_pairwise_distance(torch.stack(embs))
     # Every rank reduces the same tensors (a rank without prompts contributes zeros); the report
     # images one prompt at a time, so that their float64 sum stays small.
     sums, counts, nonfinite, diversity, report_scores = (
@@ -133,17 +133,13 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
     per_prompt = (sums / counts.clamp(min=1)).float().masked_fill(counts == 0, float("nan"))
     means = {name: float(sums[:, m].sum() / counts[:, m].sum().clamp(min=1)) if counts[:, m].sum() else float("nan")
              for m, name in enumerate(scorers)}
-    if DIVERSITY in metrics:
-        finite = torch.isfinite(diversity)
-        means[DIVERSITY] = float(diversity[finite].mean()) if finite.any() else float("nan")
-    return {"scorers": scorers, "per_prompt": per_prompt, "diversity": diversity.float(), "means": means,
+    for d, name in enumerate(diversities):
+        finite = torch.isfinite(diversity[:, d])
+        means[name] = float(diversity[finite, d].mean()) if finite.any() else float("nan")
+    return {"scorers": scorers, "per_prompt": per_prompt, "diversities": diversities,
+            "diversity": diversity.float(), "means": means,
             "nonfinite": {name: int(nonfinite[m]) for m, name in enumerate(scorers)},
             "report_images": report_images, "report_scores": report_scores}
-
-
-def _image_size(model) -> tuple[int, int]:
-    scale = model.pipe.vae_scale_factor if model.vae is not None else 1
-    return model.latent_shape[1] * scale, model.latent_shape[2] * scale
 
 
 # --------------------------------------------------------------------------- outputs
@@ -163,8 +159,8 @@ def results_json(prompts: list[str], seeds: list[int], settings: dict, ckpt: Che
         row = {"prompt": prompt}
         for v, res in variants.items():
             vals = {name: float(res["per_prompt"][i, m]) for m, name in enumerate(res["scorers"])}
-            if DIVERSITY in res["means"]:
-                vals[DIVERSITY] = float(res["diversity"][i])
+            for d, name in enumerate(res["diversities"]):
+                vals[name] = float(res["diversity"][i, d])
             row[v] = vals
         per_prompt.append(row)
     return {
@@ -236,15 +232,15 @@ def _finite_or_null(obj):
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fdfo.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", help="diffusers SD3 pipeline directory, hub id or builtin:digits "
+    p.add_argument("--model", help="diffusers pipeline directory (SD3/SD3.5 or FLUX.1), hub id or builtin:digits "
                                    "(default: the checkpoint's run config)")
     p.add_argument("--adapter", help="checkpoint: run dir, checkpoints/epoch_XXXX or its adapter/ folder "
                                      "(none: evaluate the base model only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file with one prompt per line (or builtin:digits)")
     src.add_argument("--prompt", nargs="+", help="one or more prompts")
-    p.add_argument("--metrics", nargs="+", help="reward names and/or 'diversity' (default: the run config's "
-                                                "rewards and eval metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
+    p.add_argument("--metrics", nargs="+", help="reward names and/or diversity metrics (" + ", ".join(DIVERSITY_METRICS)
+                   + "; default: the run config's rewards and eval metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
     p.add_argument("--path", nargs="+", default=[], metavar="NAME=DIR", help="weights of a metric")
     p.add_argument("--repeats", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)
@@ -305,8 +301,8 @@ def _prepare(args, rank: int) -> tuple:
     names = args.metrics or (list(dict.fromkeys([*run["reward"]["weights"], *run["eval"]["metrics"]])) if run
                              else PUBLISHED_METRICS)
     _check_metric_names(names)
-    if args.metrics and DIVERSITY in args.metrics and args.repeats < 2:
-        raise ValueError("the diversity metric compares the repeats of a prompt: give --repeats 2 or more")
+    if args.metrics and set(args.metrics) & set(DIVERSITY_METRICS) and args.repeats < 2:
+        raise ValueError("the diversity metrics compare the repeats of a prompt: give --repeats 2 or more")
     paths = dict(run["reward"]["paths"]) if run else {}
     for spec in args.path:
         name, eq, value = spec.partition("=")
@@ -323,7 +319,7 @@ def _prepare(args, rank: int) -> tuple:
 def _check_metric_names(names: list[str]) -> None:
     from fdfo.rewards import reward_factories
 
-    known = [*sorted(reward_factories()), DIVERSITY]
+    known = [*sorted(reward_factories()), *DIVERSITY_METRICS]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown metric '{unknown[0]}'; available metrics: {', '.join(known)}")

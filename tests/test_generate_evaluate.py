@@ -130,9 +130,9 @@ def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):
 
 def evaluate_args(run_dir, prompt_file, clip_dir, digit_reward_dir, out):
     return ["--adapter", str(run_dir), "--prompts", str(prompt_file), "--repeats", "2", "--batch-size", "4",
-            "--metrics", "digit_probability", "digit_judge_accuracy", "clip_score", "hpsv2", "diversity",
-            "--path", f"clip_score={clip_dir}", f"diversity={clip_dir}", "--report-prompts", "2",
-            "--out", str(out)]
+            "--metrics", "digit_probability", "digit_judge_accuracy", "clip_score", "hpsv2", "clip_diversity",
+            "dreamsim_diversity", "--path", f"clip_score={clip_dir}", f"clip_diversity={clip_dir}",
+            "--report-prompts", "2", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -148,22 +148,23 @@ def test_evaluate_results_json_and_report(single_process_results):
     out = single_process_results
     res = json.loads((out / "results.json").read_text())
     assert res["prompts"] == 3 and res["repeats"] == 2 and res["seeds"] == [0, 1] and res["world_size"] == 1
-    assert set(res["metrics"]) == {"digit_probability", "digit_judge_accuracy", "clip_score", "diversity"}
+    assert set(res["metrics"]) == {"digit_probability", "digit_judge_accuracy", "clip_score", "clip_diversity"}
     assert res["notes"]["hpsv2"].startswith("not available")
-    assert "CLIP image embeddings" in res["notes"]["diversity"]
+    assert res["notes"]["dreamsim_diversity"].startswith("not available: no weights given")
+    assert "CLIP image embeddings" in res["notes"]["clip_diversity"]
     for name, entry in res["metrics"].items():
         assert set(entry) == {"base", "checkpoint", "delta"}
         assert entry["delta"] == pytest.approx(entry["checkpoint"] - entry["base"])
     for v in ("base", "checkpoint"):
         assert 0 <= res["metrics"]["digit_judge_accuracy"][v] <= 1
         assert 0 <= res["metrics"]["clip_score"][v] <= 100
-        assert 0 <= res["metrics"]["diversity"][v] <= 2
+        assert 0 <= res["metrics"]["clip_diversity"][v] <= 2
         # Equal repeats per prompt: the overall mean is the mean of the per-prompt means.
         for name in res["metrics"]:
             per = [row[v][name] for row in res["per_prompt"]]
             assert res["metrics"][name][v] == pytest.approx(sum(per) / len(per), abs=1e-6)
     assert [row["prompt"] for row in res["per_prompt"]] == DIGITS
-    assert res["metrics"]["diversity"]["base"] > 0  # two seeds give two different images
+    assert res["metrics"]["clip_diversity"]["base"] > 0  # two seeds give two different images
     assert (out / "report.png").is_file()
     html = (out / "report.html").read_text()
     assert "a handwritten digit one" in html and "images/checkpoint/p0001_s1.png" in html

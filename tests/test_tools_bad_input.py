@@ -361,7 +361,7 @@ def test_generate_argument_mistakes_are_found_before_loading(case, tiny_pipeline
 
 EVALUATE_MISTAKES = {
     "repeats_zero": (["--repeats", "0"], "--repeats must be >= 1"),
-    "diversity_one_repeat": (["--repeats", "1", "--metrics", "diversity"], "give --repeats 2 or more"),
+    "diversity_one_repeat": (["--repeats", "1", "--metrics", "clip_diversity"], "give --repeats 2 or more"),
     "report_negative": (["--report-repeats", "-1"], "--report-repeats must be 0 or more"),
     "reward_batch_zero": (["--reward-batch-size", "0"], "--reward-batch-size must be at least 1"),
     "metric_unknown": (["--metrics", "pickscor"], "unknown metric 'pickscor'; available metrics: "),
