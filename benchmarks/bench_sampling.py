@@ -45,9 +45,9 @@ from fdfo.atomic import write_text
 from fdfo.flops import count_flops, peak_bf16_tflops
 from fdfo.gpu_stats import GpuStats
 from fdfo.graphs import GraphSampler
-from fdfo.config import LORA_TARGETS
+from fdfo.models.sd3 import SD3FlowModel
 from fdfo.models.flavours import ARCHS
-from fdfo.models.sd3 import Conditioning
+from fdfo.models.base import Conditioning
 from fdfo.sampling import Trajectories, churn_schedule, churn_step, prior_churn
 
 VARIANTS = ("published", "eager", "graph", "compile", "graph+compile")
@@ -97,7 +97,7 @@ def build_transformer(arch: str, lora: int, device: torch.device, dtype: torch.d
     if lora:
         from peft import LoraConfig
 
-        net.add_adapter(LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=list(LORA_TARGETS),
+        net.add_adapter(LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=list(SD3FlowModel.LORA_TARGETS),
                                    init_lora_weights="gaussian"))
         for p in net.parameters():
             if p.requires_grad:

@@ -25,7 +25,7 @@ import time
 import torch
 
 from fdfo.engine import adamw
-from fdfo.config import LORA_TARGETS
+from fdfo.models.sd3 import SD3FlowModel
 from fdfo.models.flavours import ARCHS
 
 
@@ -50,7 +50,7 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
         model.requires_grad_(True)
     else:
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(LORA_TARGETS),
+        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(SD3FlowModel.LORA_TARGETS),
                                      init_lora_weights="gaussian"))
         for p in model.parameters():
             if p.requires_grad:

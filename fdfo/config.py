@@ -41,25 +41,23 @@ def _choices(*options: str) -> dict:
 
 @dataclass
 class ModelConfig:
-    # A diffusers StableDiffusion3Pipeline directory, a hub id, or "builtin:digits"
-    # (the CPU default's base model, pretrained and cached on first use).
+    # A diffusers pipeline directory or hub id of a supported family (SD3/SD3.5: StableDiffusion3Pipeline,
+    # FLUX.1: FluxPipeline), or "builtin:digits" (the CPU default's base model, pretrained and cached on first use).
     path: str = "stabilityai/stable-diffusion-3.5-medium"
     revision: str | None = None
     # Frozen parts' dtype: "auto" = bf16 on GPU, fp32 on CPU.
     dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
     max_sequence_length: int = 128  # T5 tokens
-    resolution: int = 512  # image side in pixels, a multiple of 16 (SD3: VAE factor 8 × patch 2)
+    resolution: int = 512  # image side in pixels, a multiple of 16 (VAE factor 8 × patch 2)
     cache_dir: str | None = None  # where builtin models are kept (default ~/.cache/fdfo)
     # The attention kernel: "native" (PyTorch SDPA picks one) or a PyTorch SDPA kernel forced:
-    # "_native_flash", "_native_cudnn", "_native_efficient", "_native_math" (checked when the model loads).
+    # "_native_flash", "_native_cudnn", "_native_efficient", "_native_math"; FLUX also takes diffusers'
+    # other backends ("flash" for flash-attn, "_flash_3", "sage", "xformers", ...). Checked against the
+    # model's family before its weights load.
     attention_backend: str = "native"
-
-
-# The published adapter's modules: the joint attention's projections (image and text stream) of every
-# block. peft matches a target against the end of a module's name, so the "attn." prefix keeps SD3.5
-# Medium's second self-attention (attn2 in its dual-attention blocks) out; a bare "to_q" would reach it.
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    # FLUX.1 [dev]'s distilled guidance strength, an input of its transformer (null = 3.5, FluxPipeline's
+    # default); a FLUX-only key.
+    flux_guidance: float | None = None
 
 
 @dataclass
@@ -68,7 +66,9 @@ class LoraConfig:
     rank: int = 32
     alpha: float = 64.0
     init: str = field(default="gaussian", metadata=_choices("gaussian", "default"))
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # The adapted modules (peft names, matched at the end of a module's name); null = the model family's
+    # attention projections (fdfo.models: SD3's joint attention as published, FLUX's double and single blocks).
+    target_modules: list[str] | None = None
 
 
 @dataclass
@@ -362,13 +362,9 @@ _BETA = _Range(lambda v: 0 <= v < 1, "in [0, 1)")
 # key -> the values a run can use.
 _RANGES: dict[str, _Range] = {
     "model.resolution": _Range(lambda v: v > 0 and v % 16 == 0,
-                               "a positive multiple of 16 (SD3: VAE factor 8 × patch 2)"),
+                               "a positive multiple of 16 (VAE factor 8 × patch 2)"),
+    "model.flux_guidance": _optional(_above(0)),
     "model.max_sequence_length": _at_least(1),
-    "model.attention_backend": _Range(lambda v: v in ("native", "_native_flash", "_native_cudnn", "_native_efficient",
-                                                      "_native_math"),
-                                      "native, _native_flash, _native_cudnn, _native_efficient or _native_math "
-                                      "(SD3's attention calls PyTorch SDPA directly: flash-attn, sage and xformers "
-                                      "cannot reach it)"),
     "lora.rank": _above(0),
     "lora.alpha": _above(0),
     "sampling.steps": _above(0),
@@ -415,7 +411,9 @@ _RANGES: dict[str, _Range] = {
 # key -> (the key that switches it on, its range while that key is non-zero or true).
 _RANGES_WHEN: dict[str, tuple[str, _Range]] = {
     "eval.num_images": ("eval.every", _at_least(1)),
-    "lora.target_modules": ("lora.enabled", _Range(bool, "a non-empty list of module names")),
+    "lora.target_modules": ("lora.enabled", _Range(lambda v: v is None or bool(v),
+                                                   "null (the model family's default) or a non-empty list of "
+                                                   "module names")),
 }
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fdfo import tasks
-from fdfo.models import Conditioning, SD3FlowModel, load_flow_model
+from fdfo.models import Conditioning, FlowModel, family_of, load_flow_model
 from fdfo.sampling import sample_deterministic
 
 PUBLISHED = {"steps": 40, "guidance": 1.0, "max_sequence_length": 128, "resolution": None}
@@ -97,7 +97,7 @@ class CheckpointMismatch(ValueError):
     """A checkpoint whose weights do not fit the base model: it was trained on another one."""
 
 
-def apply_checkpoint(model: SD3FlowModel, ckpt: Checkpoint) -> None:
+def apply_checkpoint(model: FlowModel, ckpt: Checkpoint) -> None:
     """Load the trained weights into the model: LoRA through diffusers, or the whole transformer.
 
     Weights that do not fit the model (a checkpoint of another base model) raise CheckpointMismatch;
@@ -105,11 +105,9 @@ def apply_checkpoint(model: SD3FlowModel, ckpt: Checkpoint) -> None:
     """
     try:
         if ckpt.kind == "lora":
-            model.pipe.load_lora_weights(str(ckpt.path))
+            model.load_lora(ckpt.path)
         else:
-            from diffusers import SD3Transformer2DModel
-
-            state = SD3Transformer2DModel.from_pretrained(str(ckpt.path)).state_dict()
+            state = type(model.transformer).from_pretrained(str(ckpt.path)).state_dict()
             model.transformer.load_state_dict(state)
     except CheckpointMismatch:
         raise
@@ -242,14 +240,14 @@ def sampling_defaults(model_path: str | None, run_config: dict | None) -> dict:
     return out
 
 
-def seed_latents(model: SD3FlowModel, seeds: list[int]) -> torch.Tensor:
+def seed_latents(model: FlowModel, seeds: list[int]) -> torch.Tensor:
     """One Gaussian latent per seed, drawn on the CPU: identical on every device and batch size."""
     return torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds])
 
 
 @torch.no_grad()
-def generate_images(model: SD3FlowModel, prompts: list[str], seeds: list[int], *, steps: int,
+def generate_images(model: FlowModel, prompts: list[str], seeds: list[int], *, steps: int,
                     guidance: float = 1.0, negative_prompt: str = "", batch_size: int = 8) -> torch.Tensor:
     """Images [N, C, H, W] in [0, 1] for the N (prompt, seed) items (deterministic Euler, optional CFG)."""
     if len(prompts) != len(seeds):
@@ -325,7 +323,7 @@ def _wrap(text: str, width: int) -> list[str]:
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fdfo.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", help="diffusers SD3 pipeline directory, hub id or builtin:digits "
+    p.add_argument("--model", help="diffusers pipeline directory (SD3/SD3.5 or FLUX.1), hub id or builtin:digits "
                                    "(default: the checkpoint's run config)")
     p.add_argument("--adapter", help="checkpoint: run dir, checkpoints/epoch_XXXX or its adapter/ folder")
     src = p.add_mutually_exclusive_group(required=True)
@@ -406,9 +404,7 @@ def resolve(args) -> tuple[Checkpoint | None, dict]:
     if settings["model"] is None:
         raise FileNotFoundError("no --model given and the checkpoint carries no run config naming one")
     if not tasks.is_builtin(settings["model"]):
-        from fdfo.models.sd3 import _model_index
-
-        _model_index(settings["model"], settings["revision"])  # a missing model is a one-line error
+        family_of(settings["model"], settings["revision"])  # a missing or unsupported model is a one-line error
         if ckpt is not None:
             transformer = _meta_transformer(settings["model"], settings["revision"])
             if transformer is not None:
@@ -419,22 +415,20 @@ def resolve(args) -> tuple[Checkpoint | None, dict]:
 def _meta_transformer(path: str, revision: str | None) -> nn.Module | None:
     """The base model's transformer built from its config on the meta device (shapes, no weights), when
     its config is at hand (a local directory or the hub cache); else None and the check waits for the load."""
-    from diffusers import SD3Transformer2DModel
-
     try:
+        cls = family_of(path, revision).transformer_class()
         local = Path(path).expanduser()
         if local.is_dir():
-            config = SD3Transformer2DModel.load_config(str(local / "transformer"))
+            config = cls.load_config(str(local / "transformer"))
         else:
-            config = SD3Transformer2DModel.load_config(path, subfolder="transformer", revision=revision,
-                                                       local_files_only=True)
+            config = cls.load_config(path, subfolder="transformer", revision=revision, local_files_only=True)
         with torch.device("meta"):
-            return SD3Transformer2DModel.from_config(config)
+            return cls.from_config(config)
     except Exception:  # an early check only: the real load reports whatever is wrong with the model
         return None
 
 
-def load_model(args, settings: dict) -> SD3FlowModel:
+def load_model(args, settings: dict) -> FlowModel:
     from fdfo.config import ModelConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -444,23 +438,21 @@ def load_model(args, settings: dict) -> SD3FlowModel:
     return load_flow_model(model_cfg, device, shift=settings["shift"])
 
 
-def check_model(model: SD3FlowModel, ckpt: Checkpoint | None, settings: dict) -> None:
+def check_model(model: FlowModel, ckpt: Checkpoint | None, settings: dict) -> None:
     """What can only be checked against the loaded model, before any sampling: the resolution and
     whether the checkpoint fits (for a base model whose config was not at hand before loading)."""
     resolution = settings["resolution"]
     if resolution is not None:
-        scale = model.pipe.vae_scale_factor if model.vae is not None else 1
-        step = scale * model.transformer.config.patch_size
-        limit = model.transformer.config.pos_embed_max_size
-        if resolution % step or (limit and resolution > step * limit):
-            upto = f" up to {step * limit}" if limit else ""
+        step, largest = model.resolution_step()
+        if resolution % step or (largest and resolution > largest):
+            upto = f" up to {largest}" if largest else ""
             raise ValueError(f"resolution {resolution} does not suit base model '{settings['model']}'; "
                              f"give --resolution as a multiple of {step}{upto}")
     if ckpt is not None:
         check_checkpoint(model.transformer, ckpt, settings["model"])
 
 
-def setup(args) -> tuple[SD3FlowModel, Checkpoint | None, dict]:
+def setup(args) -> tuple[FlowModel, Checkpoint | None, dict]:
     """Model, checkpoint (checked, not yet applied) and the resolved sampling settings of a command."""
     ckpt, settings = resolve(args)
     model = load_model(args, settings)

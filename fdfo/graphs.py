@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fdfo import kernels
-from fdfo.models.sd3 import Conditioning
+from fdfo.models.base import Conditioning
 from fdfo.sampling import Trajectories
 
 # (x [B, C, H, W], σ [B], cond with embeds [B, L, D] and pooled [B, Dp]) -> v [B, C, H, W] (float)

@@ -12,7 +12,7 @@ def test_flavours_are_the_published_architectures():
     8.06 B), and every LoRA target names attention projections of every joint block."""
     from diffusers import SD3Transformer2DModel
 
-    from fdfo.config import LORA_TARGETS
+    from fdfo.models import SD3FlowModel
     from fdfo.models.flavours import ARCHS
 
     counts = {}
@@ -21,7 +21,7 @@ def test_flavours_are_the_published_architectures():
             model = SD3Transformer2DModel(**arch)
         counts[name] = sum(p.numel() for p in model.parameters())
         blocks = len(model.transformer_blocks)
-        for target in LORA_TARGETS:  # (what the trainer and the benchmarks adapt)
+        for target in SD3FlowModel.LORA_TARGETS:  # (what the trainer and the benchmarks adapt)
             hits = [n for n, _ in model.named_modules() if n.endswith("." + target)]
             # the last block's text stream has no output projection (context_pre_only)
             assert blocks - 1 <= len(hits) <= blocks, (name, target, len(hits))

@@ -10,6 +10,7 @@ import yaml
 
 from fdfo import algorithms
 from fdfo.config import ConfigError, RunConfig, build_config, load_yaml, parse_overrides
+from fdfo.models import SD3FlowModel
 from fdfo.tasks.digits import PRESET as DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +24,9 @@ def test_defaults_are_the_published_recipe():
     assert cfg.train.pairs_per_epoch == 432 and cfg.train.optimizer_steps_per_epoch == 4
     assert cfg.sampling.steps == 40 and cfg.sampling.churn_weight == 0.0025 and cfg.sampling.guidance_scale == 1.0
     assert cfg.lora.rank == 32 and cfg.lora.alpha == 64 and cfg.lora.init == "gaussian"
-    assert set(cfg.lora.target_modules) == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # joint attn only
-                                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"}
+    assert cfg.lora.target_modules is None  # the family's default: for SD3, the joint attention only
+    assert set(SD3FlowModel.LORA_TARGETS) == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"}
     assert cfg.checkpoint.every == 5 and cfg.model.resolution == 512 and cfg.model.max_sequence_length == 128
     assert cfg.reward.weights == {"pickscore": 1.0, "vlm_alignment": 0.1}
     s = cfg.sampling  # the published churn schedules' parameters (ALGORITHM.md §1.4)
@@ -297,7 +299,7 @@ def test_ranges_that_depend_on_another_key():
     with pytest.raises(ConfigError, match=r"'eval\.num_images' must be >= 1 while eval\.every is 3, got 0"):
         build_config(DIGITS, parse_overrides(["--eval.every", "3", "--eval.num_images", "0"]))
     assert build_config(DIGITS, parse_overrides(["--eval.every", "0", "--eval.num_images", "0"])).eval.num_images == 0
-    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be a non-empty list.*lora\.enabled is true"):
+    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be null \(the model family's default\) or a non-empty list.*lora\.enabled is true"):
         build_config(DIGITS, parse_overrides(["--lora.target_modules", "[]"]))
     build_config(DIGITS, parse_overrides(["--lora.enabled", "false", "--lora.target_modules", "[]"]))
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from fdfo import gpu_stats, kernels, sampling
 from fdfo.graphs import GraphSampler
-from fdfo.models.sd3 import Conditioning
+from fdfo.models.base import Conditioning
 from fdfo.sampling import churn_schedule, sample_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,9 +1,13 @@
-"""Flow models behind one protocol: encode prompts, velocity (with CFG), decode.
+"""Flow models behind one protocol (``fdfo.models.base.FlowModel``), one file per model family.
 
-``load_flow_model`` loads ``model.path``: a diffusers SD3-family pipeline (hub id
-or local directory) or a built-in task's base model (``builtin:digits``, the CPU
-default job's; ``fdfo.tasks`` builds and caches it on first use). Both go through
-``SD3FlowModel`` and the same ``from_pretrained`` code.
+``load_flow_model`` loads ``model.path``: a diffusers pipeline directory or hub id of a supported
+family (recognised by the transformer class its ``model_index.json`` names), or a built-in task's
+base model (``builtin:digits``, the CPU default job's; ``fdfo.tasks`` builds and caches it on
+first use). Every family loads through ``from_pretrained``.
+
+Adding a family: one file with a ``FlowModel`` subclass (see ``fdfo/models/base.py`` for what it
+implements), its entry in ``FAMILIES`` and a tiny random pipeline in ``fdfo/models/tiny.py`` for
+its tests.
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ from __future__ import annotations
 import torch
 
 from fdfo import tasks
-from fdfo.models.sd3 import Conditioning, SD3FlowModel
+from fdfo.config import ConfigError
+from fdfo.models.base import Conditioning, FlowModel, model_index
+from fdfo.models.flux import FluxFlowModel
+from fdfo.models.sd3 import SD3FlowModel
+
+FAMILIES: tuple[type[FlowModel], ...] = (SD3FlowModel, FluxFlowModel)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -20,17 +29,34 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def family_of(path: str, revision: str | None = None) -> type[FlowModel]:
+    """The family of a pipeline directory or hub id, from the transformer class in its model_index.json."""
+    index = model_index(path, revision)
+    transformer = index.get("transformer")
+    name = transformer[1] if isinstance(transformer, list) and len(transformer) == 2 else None
+    for family in FAMILIES:
+        if name == family.TRANSFORMER:
+            return family
+    supported = ", ".join(f"{f.family} ({f.TRANSFORMER})" for f in FAMILIES)
+    raise ConfigError(f"model.path '{path}' is a {index.get('_class_name', 'pipeline')} whose transformer is "
+                      f"{name or 'missing'}: not a supported model family; supported: {supported}")
+
+
 def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = None,
-                    progress: bool = True) -> SD3FlowModel:
+                    progress: bool = True) -> FlowModel:
     """The model of a ``ModelConfig`` (path, revision, dtype, text length, resolution, cache_dir, attention
-    backend) on ``device``."""
+    backend, the family's own options) on ``device``. The family and its options are checked before any
+    weight is read."""
     path = tasks.resolve_model_path(model_cfg.path, model_cfg.cache_dir, progress=progress)
-    model = SD3FlowModel(
+    family = family_of(path, model_cfg.revision)
+    options = family.check_options(model_cfg)
+    model = family(
         path, device=device, dtype=resolve_dtype(model_cfg.dtype, device), revision=model_cfg.revision,
-        max_sequence_length=model_cfg.max_sequence_length, resolution=model_cfg.resolution, shift=shift,
+        max_sequence_length=model_cfg.max_sequence_length, resolution=model_cfg.resolution, shift=shift, **options,
     )
     model.set_attention_backend(model_cfg.attention_backend)
     return model
 
 
-__all__ = ["Conditioning", "SD3FlowModel", "load_flow_model", "resolve_dtype"]
+__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_of", "load_flow_model",
+           "resolve_dtype"]

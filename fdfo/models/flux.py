@@ -19,22 +19,24 @@ resolution-dependent ``mu`` of the scheduler config (``use_dynamic_shifting``).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fdfo.config import ConfigError, LoraConfig
-from fdfo.models.sd3 import Conditioning, SD3FlowModel, _model_index
+from fdfo.config import ConfigError
+from fdfo.models.base import Conditioning, FlowModel, model_index, present_components
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-class FluxFlowModel:
-    """The flow-model protocol for FLUX.1 pipelines: encode prompts, velocity (with CFG), decode."""
+class FluxFlowModel(FlowModel):
+    """FLUX.1 pipelines (``FluxPipeline``'s components)."""
 
     family = "flux"
+    TRANSFORMER = "FluxTransformer2DModel"
+    OPTIONS = {"flux_guidance": 3.5}  # FLUX.1 [dev]'s distilled guidance (FluxPipeline's guidance_scale)
+    PATCH = 2  # the pipeline packs 2×2 latent patches into a token (the transformer's patch_size is 1)
     # Attention projections of the double-stream blocks (image and text streams) and of the single-stream
     # blocks. A single block has no attention output projection of its own: its `proj_out` maps the
     # concatenated attention and MLP outputs, and is its output projection. The model's final layer is
@@ -51,8 +53,8 @@ class FluxFlowModel:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        index = _model_index(path, revision)
-        present = {name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0] is not None}
+        index = model_index(path, revision)
+        present = present_components(index, COMPONENTS)
         for required in COMPONENTS:
             if required not in present:
                 raise FileNotFoundError(f"model.path '{path}' has no '{required}' component")
@@ -76,11 +78,8 @@ class FluxFlowModel:
             text_encoder_2=load(T5EncoderModel, "text_encoder_2", torch_dtype=dtype).to(device),
             tokenizer=load(AutoTokenizer, "tokenizer"), tokenizer_2=load(AutoTokenizer, "tokenizer_2"),
         )
-        for module in self.frozen_modules():
-            module.requires_grad_(False).eval()
-        self.transformer.requires_grad_(False)
-        # Under ZeRO-3 the engine sets a persistent unpartitioned copy here, which sampling uses.
-        self.inference_transformer: nn.Module | None = None
+        self.freeze()
+        self.inference_transformer = None
         self.attention_backend = "native"
         self.max_sequence_length = max_sequence_length
         self.flux_guidance = flux_guidance
@@ -101,16 +100,12 @@ class FluxFlowModel:
     def text_encoders(self) -> list[nn.Module]:
         return [self.pipe.text_encoder, self.pipe.text_encoder_2]
 
-    # Family-independent parts of the protocol, shared with SD3 rather than written twice.
-    frozen_modules = SD3FlowModel.frozen_modules
-    move_text_encoders = SD3FlowModel.move_text_encoders
-    enable_gradient_checkpointing = SD3FlowModel.enable_gradient_checkpointing
-    enable_full_finetune = SD3FlowModel.enable_full_finetune
-    trainable_parameters = SD3FlowModel.trainable_parameters
-    velocity = SD3FlowModel.velocity
-    decode = SD3FlowModel.decode
-    lora_state_dict = SD3FlowModel.lora_state_dict
-    lora_metadata = SD3FlowModel.lora_metadata
+    @classmethod
+    def attention_backends(cls) -> tuple[str, ...]:
+        """diffusers' attention backends (FLUX's attention processor dispatches through them)."""
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        return tuple(b.value for b in AttentionBackendName)
 
     def set_attention_backend(self, name: str) -> None:
         """Choose the attention kernel among diffusers' attention backends: ``native`` (PyTorch SDPA picks
@@ -122,9 +117,7 @@ class FluxFlowModel:
         attention. It also makes the choice diffusers' process-wide default, which reaches a copy of the
         transformer built later (the ZeRO-3 inference copy) through its unset processors. A backend whose
         package is missing is a ConfigError naming the package (diffusers' own check)."""
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        valid = [b.value for b in AttentionBackendName]
+        valid = self.attention_backends()
         if name not in valid:
             raise ConfigError(f"model.attention_backend '{name}' is not one of diffusers' attention backends: "
                               f"{', '.join(valid)}")
@@ -134,25 +127,15 @@ class FluxFlowModel:
             raise ConfigError(f"model.attention_backend '{name}' is not usable here: {exc}") from exc
         self.attention_backend = name
 
-    def add_lora(self, cfg: LoraConfig) -> None:
-        """LoRA via peft on ``cfg.target_modules``; trainable weights kept in fp32.
-
-        peft matches a name by its end, so a bare ``proj_out`` (the single blocks' output projection)
+    def lora_targets(self, names: list[str]) -> list[str]:
+        """peft matches a name by its end, so a bare ``proj_out`` (the single blocks' output projection)
         would also reach the model's final layer, the top-level ``proj_out``: it is replaced by the
         single blocks' full names, which the saved adapter config then lists for diffusers' loader."""
-        from peft import LoraConfig as PeftLoraConfig
-
-        targets = [t for t in cfg.target_modules if t != "proj_out"]
-        if len(targets) < len(cfg.target_modules):
+        targets = [t for t in names if t != "proj_out"]
+        if len(targets) < len(names):
             targets += [f"single_transformer_blocks.{i}.proj_out"
                         for i in range(len(self.transformer.single_transformer_blocks))]
-        self.transformer.add_adapter(PeftLoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
-            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
-        ))
-        for p in self.transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        return targets
 
     # ------------------------------------------------------------------ the protocol
 
@@ -208,13 +191,3 @@ class FluxFlowModel:
                   img_ids=img_ids, return_dict=False)[0]
         scale = self.pipe.vae_scale_factor  # _unpack_latents takes the image size in pixels
         return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale).float()
-
-    # ------------------------------------------------------------------ LoRA export
-
-    def save_lora(self, directory: str | Path) -> None:
-        """Writes pytorch_lora_weights.safetensors that FluxPipeline.load_lora_weights(dir) loads."""
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(
-            str(directory), transformer_lora_layers=self.lora_state_dict(),
-            transformer_lora_adapter_metadata=self.lora_metadata())

@@ -1,0 +1,272 @@
+"""The flow-model protocol: the one way sampling, kernels, graphs, algorithms and the engine touch a model.
+
+A model family (SD3/SD3.5 in ``sd3.py``, FLUX.1 in ``flux.py``) is one subclass of ``FlowModel``
+that loads its diffusers components with ``from_pretrained`` and implements the family's own parts:
+
+    text_encoders()           the frozen text encoders (moved to the CPU while training)
+    attention_backends()      class method: the valid ``model.attention_backend`` names
+    set_attention_backend(n)  apply one to every forward of the transformer
+    sigmas(steps)             the family's σ grid for ``steps`` solver steps, [steps + 1] ending at 0
+    encode(prompts)           ``Conditioning`` (a text sequence and a pooled vector per prompt)
+    _forward(net, x, σ, c)    one transformer call on the state x [B, C, H, W] -> velocity, fp32
+
+and declares ``family``, ``TRANSFORMER`` (the diffusers class name that ``model_index.json`` gives its
+transformer: how a model directory's family is recognised), ``LORA_TARGETS`` (the default adapted
+modules), ``OPTIONS`` (the ``model.*`` config keys only this family takes, with their defaults) and
+``PATCH`` (latent pixels per token side packed outside the transformer).
+Everything else (CFG, decoding, LoRA and its export in the family pipeline's own format, gradient
+checkpointing, full fine-tuning) is written once here. ``fdfo.models.FAMILIES`` lists the families.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fdfo.config import ConfigError, LoraConfig
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings for a batch: the text sequence and the pooled vector."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor  # [B, Dp]
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return Conditioning(self.embeds[idx], self.pooled[idx])
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.embeds.to(device), self.pooled.to(device))
+
+    def repeat_rows(self, n: int) -> "Conditioning":
+        return Conditioning(self.embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+    def expand(self, rows: int) -> "Conditioning":
+        """Broadcast a single-row conditioning (e.g. the negative prompt) to `rows` rows."""
+        return Conditioning(self.embeds.expand(rows, -1, -1), self.pooled.expand(rows, -1))
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([c.embeds for c in items]), torch.cat([c.pooled for c in items]))
+
+
+def model_index(path: str, revision: str | None) -> dict:
+    """model_index.json of a local directory or hub repository, with a clear error when absent."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"model.path '{path}' has no model_index.json: it is not a diffusers "
+                                    "pipeline directory (save one with pipeline.save_pretrained(dir))")
+        return json.loads(index.read_text())
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model.path '{path}' does not exist; give a local diffusers pipeline directory "
+                                "or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision)
+    except Exception as exc:  # network errors, gated repos, missing repos
+        raise FileNotFoundError(f"could not load model.path '{path}' from the hub ({exc}); download it first "
+                                "(huggingface-cli download) or give a local directory") from exc
+
+
+def present_components(index: dict, names: tuple[str, ...]) -> set[str]:
+    """The components of ``names`` that a model_index.json holds (``[library, class]``, not ``[null, null]``)."""
+    return {n for n in names if isinstance(index.get(n), list) and index[n][0] is not None}
+
+
+class FlowModel(ABC):
+    """A text-to-image flow model: encode prompts, velocity (with CFG), decode; LoRA and its export."""
+
+    family: ClassVar[str]
+    TRANSFORMER: ClassVar[str]
+    LORA_TARGETS: ClassVar[tuple[str, ...]]
+    OPTIONS: ClassVar[dict[str, object]] = {}
+    PATCH: ClassVar[int] = 1  # latent pixels per token side outside the transformer's own patch_size (FLUX packs 2×2)
+
+    # Set by a family's constructor.
+    pipe: object  # the family's diffusers pipeline (components only; its __call__ is not used)
+    transformer: nn.Module
+    vae: nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    latent_shape: tuple[int, int, int]  # [C, H, W] of the state the sampler and kernels see
+    path: str
+    max_sequence_length: int
+    attention_backend: str = "native"
+    # Under ZeRO-3 the engine sets a persistent unpartitioned copy here, which sampling uses.
+    inference_transformer: nn.Module | None = None
+
+    # ------------------------------------------------------------------ the family's own parts
+
+    @abstractmethod
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders."""
+
+    @classmethod
+    @abstractmethod
+    def attention_backends(cls) -> tuple[str, ...]:
+        """The ``model.attention_backend`` names this family can apply."""
+
+    @abstractmethod
+    def set_attention_backend(self, name: str) -> None:
+        """Apply an attention backend to every forward of this model (sampling, graphs, training, copies)."""
+
+    @abstractmethod
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The family pipeline's σ grid for ``steps`` solver steps at this model's resolution: [steps + 1]."""
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Prompt embeddings, in the model's dtype."""
+
+    @abstractmethod
+    def _forward(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One call of ``net`` (the transformer, its engine or its inference copy): state [B, C, H, W] at
+        σ [B] -> velocity [B, C, H, W] in fp32. σ reaches the network in fp32 whatever the weights' dtype."""
+
+    @classmethod
+    def check_options(cls, model_cfg) -> dict:
+        """The family's keyword options from a ``ModelConfig``: a ConfigError naming any ``model.*`` key of
+        another family that is set, or an attention backend this family cannot apply."""
+        from fdfo.models import FAMILIES
+
+        for other in FAMILIES:
+            for key in other.OPTIONS:
+                if key not in cls.OPTIONS and getattr(model_cfg, key) is not None:
+                    raise ConfigError(f"config key 'model.{key}' is a {other.family} option, but model.path "
+                                      f"'{model_cfg.path}' is a {cls.family} model: remove it")
+        if model_cfg.attention_backend not in cls.attention_backends():
+            raise ConfigError(f"model.attention_backend '{model_cfg.attention_backend}' is not available for "
+                              f"{cls.family}; valid values: {', '.join(cls.attention_backends())}")
+        return {key: default if getattr(model_cfg, key) is None else getattr(model_cfg, key)
+                for key, default in cls.OPTIONS.items()}
+
+    @classmethod
+    def transformer_class(cls) -> type[nn.Module]:
+        import diffusers
+
+        return getattr(diffusers, cls.TRANSFORMER)
+
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the decoded images."""
+        scale = self.pipe.vae_scale_factor if self.vae is not None else 1
+        return self.latent_shape[1] * scale, self.latent_shape[2] * scale
+
+    def resolution_step(self) -> tuple[int, int | None]:
+        """(multiple, largest) image side this model takes in pixels (largest None: no limit)."""
+        scale = self.pipe.vae_scale_factor if self.vae is not None else 1
+        step = scale * getattr(self.transformer.config, "patch_size", 1) * self.PATCH
+        limit = getattr(self.transformer.config, "pos_embed_max_size", None)
+        return step, step * limit if limit else None
+
+    def lora_targets(self, names: list[str]) -> list[str]:
+        """The peft target names for ``lora.target_modules`` (a family may make a name more specific)."""
+        return names
+
+    # ------------------------------------------------------------------ components
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return self.text_encoders() + ([self.vae] if self.vae is not None else [])
+
+    def freeze(self) -> None:
+        """Text encoders and VAE frozen in eval mode; the transformer frozen until LoRA or full fine-tuning."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+
+    def move_text_encoders(self, device: torch.device | str) -> None:
+        """Put the text encoders on ``device`` (the GPU to encode, the CPU to free memory while training)."""
+        for module in self.text_encoders():
+            module.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute block activations in backward (diffusers' mechanism); sampling, without gradients, is
+        unaffected."""
+        self.transformer.enable_gradient_checkpointing()
+
+    def add_lora(self, cfg: LoraConfig) -> None:
+        """LoRA via peft on ``lora.target_modules`` (default: the family's ``LORA_TARGETS``); trainable
+        weights kept in fp32."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        names = list(cfg.target_modules) if cfg.target_modules is not None else list(self.LORA_TARGETS)
+        self.transformer.add_adapter(PeftLoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=self.lora_targets(names),
+            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+        ))
+        for p in self.transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    def enable_full_finetune(self) -> None:
+        """Train every transformer weight; in bf16 on GPU, DeepSpeed keeps the fp32 master copy."""
+        self.transformer.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ velocity and decoding
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0,
+                 uncond: Conditioning | None = None, net: nn.Module | None = None) -> torch.Tensor:
+        """v(x, σ) ≈ ε − x₀ for rows x [B, C, H, W] at σ [B]; with CFG v_u + w·(v_c − v_u).
+
+        net: the module to call (the DeepSpeed engine while training, so its hooks run);
+        defaults to the inference copy under ZeRO-3 (``inference_transformer``), else the transformer.
+        """
+        if net is None:
+            net = self.inference_transformer if self.inference_transformer is not None else self.transformer
+        rows = x.shape[0]
+        if guidance_scale != 1.0:
+            if uncond is None:
+                raise ValueError("guidance_scale != 1 needs the negative-prompt conditioning")
+            both = Conditioning.cat([uncond.expand(rows) if len(uncond) == 1 else uncond, cond])
+            v_u, v_c = self._forward(net, torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+            return v_u + guidance_scale * (v_c - v_u)
+        return self._forward(net, x, sigma, cond)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3 or C, H, W] in [0, 1]; without a VAE the state is the
+        image in [-1, 1]."""
+        if self.vae is None:
+            return (x0.float() / 2 + 0.5).clamp(0, 1)
+        cfg = self.vae.config
+        latents = x0.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ LoRA export
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+    def lora_metadata(self) -> dict:
+        """The adapter's peft config (rank, alpha, targets): without it a loader would assume alpha = rank."""
+        return self.transformer.peft_config["default"].to_dict()
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load an adapter the way the family's pipeline does (``load_lora_weights``): our exports, and
+        the adapters diffusers' LoRA loaders read."""
+        self.pipe.load_lora_weights(str(directory))
+
+    def save_lora(self, directory: str | Path) -> None:
+        """Writes pytorch_lora_weights.safetensors that the family's own pipeline loads with
+        ``load_lora_weights(dir)`` (StableDiffusion3Pipeline, FluxPipeline)."""
+        type(self.pipe).save_lora_weights(
+            str(directory), transformer_lora_layers=self.lora_state_dict(),
+            transformer_lora_adapter_metadata=self.lora_metadata())
