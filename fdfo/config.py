@@ -69,6 +69,10 @@ class LoraConfig:
     # The adapted modules (peft names, matched at the end of a module's name); null = the model family's
     # attention projections (fdfo.models: SD3's joint attention as published, FLUX's double and single blocks).
     target_modules: list[str] | None = None
+    # Train on from an adapter instead of a fresh one: a peft adapter directory (adapter_config.json +
+    # adapter_model.safetensors: a checkpoint's adapter/, or a published FDFO adapter) or
+    # "owner/name/subfolder" on the hub. Its rank, alpha and targets replace the three keys above.
+    init_adapter: str | None = None
 
 
 @dataclass
@@ -468,6 +472,9 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}' must be {rule.valid} while {switch} is {json.dumps(on)}, "
                               f"got {value!r}")
     _check_reward_names(cfg)
+    if cfg.lora.init_adapter and not cfg.lora.enabled:
+        raise ConfigError("config key 'lora.init_adapter' needs lora.enabled true (a starting adapter is a LoRA "
+                          "adapter); remove it or enable LoRA")
     from fdfo import algorithms  # (imported here: the algorithms import this module)
 
     algorithms.get(cfg.train.algorithm).check(cfg)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdfo import tasks
+from fdfo import adapters, tasks
 from fdfo.models import Conditioning, FlowModel, family_of, load_flow_model
 from fdfo.sampling import sample_deterministic
 
@@ -56,25 +56,29 @@ class Checkpoint:
     kind: str  # "lora" or "full"
     path: Path
     run_config: dict | None  # the run's RunConfig as a dict, when the checkpoint carries it
+    peft: bool = False  # a LoRA adapter in peft's format only (adapter_config.json + adapter_model.safetensors)
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint from a run dir, a checkpoints/epoch_XXXX dir, or an adapter dir itself."""
-    path = Path(path).expanduser()
+    """A checkpoint from a run dir, a checkpoints/epoch_XXXX dir, an adapter dir itself (ours, diffusers'
+    or peft's format), or ``owner/name/sub/folder``: a peft adapter on the hub (the published ones)."""
+    path = adapters.locate(str(path))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; give runs/<name>, "
-                                "runs/<name>/checkpoints/epoch_XXXX or its adapter/ folder")
+                                "runs/<name>/checkpoints/epoch_XXXX, its adapter/ folder, a peft adapter folder "
+                                "or owner/name/subfolder on the hub")
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         return resolve_checkpoint(path / "checkpoints" / latest.read_text().strip())
-    if (path / LORA_FILE).is_file():
-        return Checkpoint("lora", path, _run_config(path.parent))
-    if (path / "adapter" / LORA_FILE).is_file():
-        return Checkpoint("lora", path / "adapter", _run_config(path))
+    for adapter, run_dir in ((path, path.parent), (path / "adapter", path)):
+        if (adapter / LORA_FILE).is_file():
+            return Checkpoint("lora", adapter, _run_config(run_dir))
+        if adapters.is_peft_adapter(adapter):
+            return Checkpoint("lora", adapter, _run_config(run_dir), peft=True)
     if (path / "transformer" / "config.json").is_file():
         return Checkpoint("full", path / "transformer", _run_config(path))
-    raise FileNotFoundError(f"'{path}' holds no checkpoint (no pytorch_lora_weights.safetensors, adapter/ or "
-                            "transformer/, and no checkpoints/latest)")
+    raise FileNotFoundError(f"'{path}' holds no checkpoint (no pytorch_lora_weights.safetensors, peft adapter "
+                            "files, adapter/ or transformer/, and no checkpoints/latest)")
 
 
 def _run_config(checkpoint_dir: Path) -> dict | None:
@@ -104,13 +108,17 @@ def apply_checkpoint(model: FlowModel, ckpt: Checkpoint) -> None:
     ``check_checkpoint`` finds most such cases before any sampling.
     """
     try:
-        if ckpt.kind == "lora":
+        if ckpt.peft:
+            model.load_adapter(ckpt.path)
+        elif ckpt.kind == "lora":
             model.load_lora(ckpt.path)
         else:
             state = type(model.transformer).from_pretrained(str(ckpt.path)).state_dict()
             model.transformer.load_state_dict(state)
     except CheckpointMismatch:
         raise
+    except adapters.AdapterError as exc:
+        raise CheckpointMismatch(mismatch_message(ckpt, model.path, str(exc))) from exc
     except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's "size mismatch for ..." list
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointMismatch(mismatch_message(ckpt, model.path, f"loading failed: {first}")) from exc
@@ -159,8 +167,12 @@ def _safetensors_header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[st
 
 
 def _lora_problems(transformer: nn.Module, adapter_dir: Path) -> list[str]:
-    file = adapter_dir / LORA_FILE
-    shapes, metadata = _safetensors_header(file)
+    if adapters.is_peft_adapter(adapter_dir) and not (adapter_dir / LORA_FILE).is_file():
+        shapes, targets = adapters.header(adapter_dir)  # peft's names: the transformer's modules
+        shapes = {f"transformer.{k}": v for k, v in shapes.items()}
+    else:
+        shapes, metadata = _safetensors_header(adapter_dir / LORA_FILE)
+        targets = _lora_targets(metadata)
     modules = dict(transformer.named_modules())
     problems, covered = [], set()
     for key, shape in shapes.items():
@@ -182,7 +194,6 @@ def _lora_problems(transformer: nn.Module, adapter_dir: Path) -> list[str]:
                                 else ("outputs", shape[0], layer.out_features))
             if want != have:
                 problems.append(f"layer {name} has {want} {side} in the adapter and {have} in the model")
-    targets = _lora_targets(metadata)
     for name, layer in modules.items():
         if (targets and isinstance(layer, nn.Linear) and name not in covered
                 and any(name == t or name.endswith("." + t) for t in targets)):

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fdfo import algorithms, distributed, run_dir
+from fdfo import adapters, algorithms, distributed, run_dir
 from fdfo.algorithms.base import Policy, derive_seed
 from fdfo.checkpoint import CheckpointManager
-from fdfo.config import RunConfig
+from fdfo.config import ConfigError, RunConfig
 from fdfo.engine import Engine
 from fdfo.gpu_stats import GpuStats
 from fdfo.models import load_flow_model
@@ -81,6 +81,7 @@ class Trainer:
         self.layout = algorithm.layout_for(cfg, self.world_size)
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
+        init_adapter = self._starting_adapter(cfg)
         start = run_dir.prepare(cfg, resume, overwrite)
         self.out_dir = start.out_dir
         self.progress = cfg.log.progress and self.rank == 0
@@ -101,7 +102,10 @@ class Trainer:
             # Seeded here, not only at start-up: building a base model on first use (a built-in task's
             # pretraining) draws from the same generator, and the adapter must not depend on the cache.
             torch.manual_seed(derive_seed(cfg.train.seed, ADAPTER_STREAM))
-            self.model.add_lora(cfg.lora)
+            if init_adapter is not None:
+                self.model.load_adapter(init_adapter, trainable=True)
+            else:
+                self.model.add_lora(cfg.lora)
         else:
             self.model.enable_full_finetune()
         if cfg.train.gradient_checkpointing:
@@ -121,6 +125,27 @@ class Trainer:
             self.report.resume(state["history"], self.epoch)
             distributed.print0(f"resumed from {start.checkpoint} at epoch {self.epoch} (learning rate "
                                f"{cfg.train.learning_rate:g})")
+
+    @staticmethod
+    def _starting_adapter(cfg: RunConfig) -> Path | None:
+        """The local directory of ``lora.init_adapter`` (fetched from the hub if it names a repository
+        subfolder), its rank, alpha and targets written into the run config (so the saved config and
+        the resume checks hold what is trained); None without one."""
+        if not cfg.lora.init_adapter:
+            return None
+        path = adapters.locate(cfg.lora.init_adapter)
+        if not adapters.is_peft_adapter(path):
+            raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' is not a peft adapter directory "
+                              f"({adapters.CONFIG_FILE} and {adapters.WEIGHTS_FILE}); give one, e.g. a checkpoint's "
+                              "adapter/ folder or a published adapter's folder")
+        peft_cfg = adapters.read_config(path)
+        theirs = {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
+                  "target_modules": sorted(peft_cfg.target_modules)}
+        for key, value in theirs.items():
+            if getattr(cfg.lora, key) not in (None, value):
+                distributed.print0(f"lora.{key}: {getattr(cfg.lora, key)!r} -> {value!r}, the starting adapter's")
+            setattr(cfg.lora, key, value)
+        return path
 
     # ------------------------------------------------------------------ the epoch
 

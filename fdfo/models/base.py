@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fdfo import adapters
 from fdfo.config import ConfigError, LoraConfig
 
 
@@ -264,9 +265,18 @@ class FlowModel(ABC):
         the adapters diffusers' LoRA loaders read."""
         self.pipe.load_lora_weights(str(directory))
 
+    def load_adapter(self, directory: str | Path, *, trainable: bool = False) -> None:
+        """Add a peft-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as
+        ``PeftModel.save_pretrained`` writes it: the published FDFO adapters) with its own rank, alpha and
+        targets; ``trainable``: to train on from it (its weights in fp32)."""
+        adapters.load_into(self.transformer, adapters.read(Path(directory)), trainable=trainable)
+
     def save_lora(self, directory: str | Path) -> None:
-        """Writes pytorch_lora_weights.safetensors that the family's own pipeline loads with
-        ``load_lora_weights(dir)`` (StableDiffusion3Pipeline, FluxPipeline)."""
-        type(self.pipe).save_lora_weights(
-            str(directory), transformer_lora_layers=self.lora_state_dict(),
-            transformer_lora_adapter_metadata=self.lora_metadata())
+        """Writes the adapter twice into ``directory``: ``pytorch_lora_weights.safetensors``, which the
+        family's own pipeline loads with ``load_lora_weights(dir)`` (StableDiffusion3Pipeline, FluxPipeline),
+        and peft's ``adapter_config.json`` + ``adapter_model.safetensors``, which ``PeftModel.from_pretrained``
+        and the published tools read."""
+        state = self.lora_state_dict()
+        type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=self.lora_metadata())
+        adapters.save(self.transformer, state, Path(directory))
