@@ -50,21 +50,17 @@ class TrajectoryStore:
     def new_epoch(self) -> None:
         self.device_bytes = 0
 
-    def keep(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Freshly sampled tensors (one micro-batch's), where trajectories live: themselves, or copies
-        in (pinned) host memory."""
-        self.device_bytes = max(self.device_bytes, nbytes(*tensors))
-        if not self.host:
-            return list(tensors)
-        out = []
-        for t in tensors:
-            if t.device.type == "cpu" and not self.pin:
-                out.append(t)
-                continue
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-            host.copy_(t)
-            out.append(host)
-        return out
+    def buffer(self, rows: int) -> "EpochBuffer":
+        """A tensor of ``rows`` rows where trajectories live, filled a sampled micro-batch at a time: the
+        epoch's trajectories are written once into it, never concatenated (which would hold them twice)."""
+        return EpochBuffer(self, rows)
+
+    def keep(self, *pairs: tuple["EpochBuffer", torch.Tensor]) -> None:
+        """One sampled micro-batch's tensors into their epoch buffers (``(buffer, tensor)`` pairs); with
+        the trajectories in host memory, that micro-batch was the most of them on the device at once."""
+        self.device_bytes = max(self.device_bytes, nbytes(*(t for _, t in pairs)))
+        for buf, t in pairs:
+            buf.append(t)
 
     def fetch(self, rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``rows`` (global, rank-major) of each per-row tensor, exchanged between the ranks
@@ -83,6 +79,27 @@ class TrajectoryStore:
         if not self.host:
             return lambda p: [t[p] for t in tensors]
         return _HostServer(self, tensors)
+
+
+class EpochBuffer:
+    """An epoch's tensor of one kind (states, velocities), allocated at the first micro-batch."""
+
+    def __init__(self, store: TrajectoryStore, rows: int):
+        self.store, self.rows, self.filled = store, rows, 0
+        self.data: torch.Tensor | None = None
+
+    def append(self, t: torch.Tensor) -> None:
+        """Copy a sampled micro-batch [n, ...] (on the device) into the next n rows."""
+        if self.data is None:
+            where = dict(device="cpu", pin_memory=self.store.pin) if self.store.host else dict(device=t.device)
+            self.data = torch.empty(self.rows, *t.shape[1:], dtype=t.dtype, **where)
+        self.data[self.filled:self.filled + t.shape[0]].copy_(t)
+        self.filled += t.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        if self.filled != self.rows:
+            raise RuntimeError(f"the epoch buffer holds {self.filled} of its {self.rows} rows")
+        return self.data
 
 
 class _HostServer:

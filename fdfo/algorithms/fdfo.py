@@ -71,8 +71,8 @@ class FDFO(Algorithm):
         # Each micro-batch's CPU generator draws its prompts first, then its churn and graph seed below.
         prompts = [self.prompts[j] for b in batches
                    for j in torch.randint(len(self.prompts), (b.size,), generator=b.gen_cpu).tolist()]
-        xs, vs, x0 = [], [], []
         self.store.new_epoch()
+        xs, vs, x0 = self.store.buffer(2 * P), self.store.buffer(2 * P), []
         with pol.sampling():
             cond = pol.encode(prompts)  # [P, ...]
             for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
@@ -86,12 +86,12 @@ class FDFO(Algorithm):
                 else:
                     traj = sample_pairs(pol.velocity_fn(rows_cond), latents, pol.sigmas, g_prior, g_steps,
                                         b.gen_dev)
-                kept_xs, kept_vs = self.store.keep(traj.xs, traj.vs)  # on the device or in host memory
-                xs.append(kept_xs), vs.append(kept_vs), x0.append(traj.x0)
-                del traj  # (a host store's device originals go before the next micro-batch samples)
+                self.store.keep((xs, traj.xs), (vs, traj.vs))  # on the device or in host memory
+                x0.append(traj.x0)
+                del traj  # (its device tensors go before the next micro-batch samples)
         x0 = torch.cat(x0)  # [2P, C, H, W]
         return Batch(prompts=[p for p in prompts for _ in range(2)], images=pol.decode(x0),
-                     data=dict(cond=cond, xs=torch.cat(xs), vs=torch.cat(vs), x0=x0, steps=self._steps(epoch)))
+                     data=dict(cond=cond, xs=xs.tensor(), vs=vs.tensor(), x0=x0, steps=self._steps(epoch)))
 
     def _steps(self, epoch: int) -> torch.Tensor | None:
         """The steps each row of the epoch trains on, [rows over all ranks, K] (the same on every rank),

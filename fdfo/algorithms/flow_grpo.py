@@ -155,8 +155,8 @@ class FlowGRPO(Algorithm):
         everyone = torch.randint(len(self.prompts), (groups * distributed.world_size(),), generator=gen)
         prompts = [self.prompts[i] for i in everyone[distributed.rank() * groups:][:groups].tolist()]
         mb = pol.forward_rows
-        xs, logps = [], []
         self.store.new_epoch()
+        xs, logps = self.store.buffer(rows), []
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
             for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
@@ -165,10 +165,10 @@ class FlowGRPO(Algorithm):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, cfg.grpo.noise_level,
                                   b.gen_dev)
-                (kept,) = self.store.keep(traj.xs)  # on the device or in host memory
-                xs.append(kept), logps.append(traj.logps)
-                del traj  # (a host store's device original goes before the next micro-batch samples)
-        xs = torch.cat(xs)  # [rows, T + 1, C, H, W]
+                self.store.keep((xs, traj.xs))  # on the device or in host memory
+                logps.append(traj.logps)
+                del traj  # (its device tensors go before the next micro-batch samples)
+        xs = xs.tensor()  # [rows, T + 1, C, H, W]
         return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1].to(pol.device)),
                      data=dict(cond=cond, xs=xs, logps=torch.cat(logps)))
 
