@@ -107,6 +107,14 @@ class FluxFlowModel(FlowModel):
 
         return tuple(b.value for b in AttentionBackendName)
 
+    @classmethod
+    def check_options(cls, model_cfg) -> dict:
+        """The protocol's checks, and an attention backend whose package is missing (flash-attn,
+        sageattention, xformers, ...): all before any weight is read."""
+        options = super().check_options(model_cfg)
+        check_backend_usable(model_cfg.attention_backend)
+        return options
+
     def set_attention_backend(self, name: str) -> None:
         """Choose the attention kernel among diffusers' attention backends: ``native`` (PyTorch SDPA picks
         one), PyTorch's kernels forced (``_native_flash``, ``_native_cudnn``, ``_native_efficient``,
@@ -121,6 +129,7 @@ class FluxFlowModel(FlowModel):
         if name not in valid:
             raise ConfigError(f"model.attention_backend '{name}' is not one of diffusers' attention backends: "
                               f"{', '.join(valid)}")
+        check_backend_usable(name)
         try:
             self.transformer.set_attention_backend(name)
         except (RuntimeError, ImportError, ValueError) as exc:
@@ -128,14 +137,7 @@ class FluxFlowModel(FlowModel):
         self.attention_backend = name
 
     def lora_targets(self, names: list[str]) -> list[str]:
-        """peft matches a name by its end, so a bare ``proj_out`` (the single blocks' output projection)
-        would also reach the model's final layer, the top-level ``proj_out``: it is replaced by the
-        single blocks' full names, which the saved adapter config then lists for diffusers' loader."""
-        targets = [t for t in names if t != "proj_out"]
-        if len(targets) < len(names):
-            targets += [f"single_transformer_blocks.{i}.proj_out"
-                        for i in range(len(self.transformer.single_transformer_blocks))]
-        return targets
+        return lora_targets_for(self.transformer, names)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -191,3 +193,34 @@ class FluxFlowModel(FlowModel):
                   img_ids=img_ids, return_dict=False)[0]
         scale = self.pipe.vae_scale_factor  # _unpack_latents takes the image size in pixels
         return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale).float()
+
+
+def lora_targets_for(transformer: nn.Module, names: list[str]) -> list[str]:
+    """The peft target names of ``names`` on a FLUX transformer (``FluxFlowModel.lora_targets``; the
+    benchmarks call it on a bare transformer). peft matches a name by its end, so a bare ``proj_out`` (the
+    single blocks' output projection) would also reach the model's final layer, the top-level ``proj_out``:
+    it is replaced by the single blocks' full names, which the saved adapter config then lists for
+    diffusers' loader."""
+    targets = [t for t in names if t != "proj_out"]
+    if len(targets) < len(names):
+        targets += [f"single_transformer_blocks.{i}.proj_out" for i in range(len(transformer.single_transformer_blocks))]
+    return targets
+
+
+def check_backend_usable(name: str) -> None:
+    """A ConfigError naming the missing package when diffusers' attention backend ``name`` cannot run here
+    (diffusers' own requirement check, which ``set_attention_backend`` runs too); nothing for a name that
+    is not a backend (the caller lists the valid ones)."""
+    from diffusers.models import attention_dispatch
+
+    check = getattr(attention_dispatch, "_check_attention_backend_requirements", None)
+    try:
+        backend = attention_dispatch.AttentionBackendName(name)
+    except ValueError:
+        return
+    if check is None:  # (a diffusers without the check: set_attention_backend reports it)
+        return
+    try:
+        check(backend)
+    except (RuntimeError, ImportError, ValueError) as exc:
+        raise ConfigError(f"model.attention_backend '{name}' is not usable here: {exc}") from exc
