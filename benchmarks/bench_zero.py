@@ -1,16 +1,21 @@
 """Peak memory and training throughput of the FDFO training step under DeepSpeed ZeRO stages.
 
-Random-init weights in the real SD3.5 architectures (speed does not depend on the
-values): LoRA (rank 32 on the attention projections) or full fine-tuning, one
-micro-batch of training elements per forward/backward, the FD loss, the
-optimizer step through the DeepSpeed engine.
+Random-init weights in the real SD3.5 and FLUX.1 [dev] architectures (``fdfo.models.flavours``;
+speed does not depend on the values): LoRA (rank 32 on the family's default targets, as the
+trainer adapts them) or full fine-tuning, one micro-batch of training elements per
+forward/backward, the FD loss, the optimizer step through the DeepSpeed engine. The
+transformer is called as the family's flow model calls it: SD3 on the latent with 1000·σ,
+FLUX on the 2×2-packed tokens with their position ids, σ and the distilled guidance.
 
     deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch sd35-medium --stage 0 2 3
     python benchmarks/bench_zero.py --arch sd35-medium --stage 3 --full   # one GPU: a plain process is rank 0
     deepspeed --num_gpus 8 benchmarks/bench_zero.py --arch sd35-large --stage 3 --offload
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch tiny --stage 0 3 --steps 2
+    python benchmarks/bench_zero.py --arch sd35-medium flux1-dev:3 sd35-large:3 --stage 0 2 3
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch tiny flux-tiny:3 --stage 0 3 --steps 2
 
-Prints one line per stage and appends a JSON line per stage to --out as it goes (rank 0).
+``--arch`` takes several architectures, each run at every ``--stage``, or at its own stages when
+written ``NAME:STAGES`` (``flux1-dev:3``, ``sd35-large:2,3``). Prints one line per run and appends
+a JSON line per run to --out as it goes (rank 0).
 """
 
 from __future__ import annotations
@@ -25,32 +30,73 @@ import time
 import torch
 
 from fdfo.engine import adamw
-from fdfo.models.sd3 import SD3FlowModel
-from fdfo.models.flavours import ARCHS
+from fdfo.models import flavours
+
+SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens (SD3.5)
+FLUX_TEXT_TOKENS = 512  # T5 tokens (FluxPipeline's max_sequence_length for FLUX.1 [dev])
 
 
-def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> dict:
+def parse_runs(specs: list[str], stages: list[int]) -> list[tuple[str, list[int]]]:
+    """``NAME`` or ``NAME:STAGES`` (comma-separated) -> (architecture, its ZeRO stages)."""
+    runs = []
+    for spec in specs:
+        name, sep, own = spec.partition(":")
+        if name not in flavours.names():
+            raise ValueError(f"unknown architecture '{name}'; known: {', '.join(flavours.names())}")
+        try:
+            arch_stages = [int(s) for s in own.split(",")] if sep else list(stages)
+        except ValueError:
+            raise ValueError(f"'{spec}': the stages after ':' are comma-separated integers, e.g. {name}:3") from None
+        if not arch_stages or any(s not in (0, 1, 2, 3) for s in arch_stages):
+            raise ValueError(f"'{spec}': ZeRO stages are 0, 1, 2 or 3")
+        runs.append((name, arch_stages))
+    return runs
+
+
+def step_inputs(name: str, rows: int, latent: int, text_tokens: int, dtype: torch.dtype, device: torch.device,
+                g: torch.Generator) -> dict:
+    """The transformer's keyword arguments for ``rows`` random training elements, as the family's flow
+    model passes them (``fdfo/models/sd3.py``, ``fdfo/models/flux.py``)."""
+    arch, family = flavours.kwargs(name), flavours.family(name).family
+    emb = torch.randn(rows, text_tokens, arch["joint_attention_dim"], generator=g, device=device).to(dtype)
+    pooled = torch.randn(rows, arch["pooled_projection_dim"], generator=g, device=device).to(dtype)
+    sigma = torch.rand(rows, generator=g, device=device)
+    if family == "sd3":
+        x = torch.randn(rows, arch["in_channels"], latent, latent, generator=g, device=device)
+        return dict(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=emb,
+                    pooled_projections=pooled)
+    from diffusers import FluxPipeline
+
+    side = latent // 2  # 2×2 latent patches per token, the transformer's in_channels = 4 × 16
+    tokens = torch.randn(rows, side * side, arch["in_channels"], generator=g, device=device)
+    guidance = torch.full((rows,), 3.5, device=device) if arch.get("guidance_embeds") else None
+    return dict(hidden_states=tokens.to(dtype), timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=emb, txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype))
+
+
+def run_stage(args, name: str, stage: int, device: torch.device, rank: int, world: int) -> dict:
     import deepspeed
-    from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
 
     from fdfo.loss import fdfo_loss
 
-    arch = ARCHS[args.arch]
+    family = flavours.family(name).family
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    latent = args.latent or arch["sample_size"] // 2  # 512² images = 64×64 latents for SD3.5
+    latent = args.latent or flavours.sample_size(name) // 2  # 512² images = 64×64 latents (VAE factor 8)
+    text_tokens = args.text_tokens or (SD3_TEXT_TOKENS if family == "sd3" else FLUX_TEXT_TOKENS)
     offload = bool(args.offload and stage == 3)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds, where the host takes minutes for 8B parameters
-        model = SD3Transformer2DModel(**arch).to(dtype)
+        model = flavours.build(name).to(dtype)
     if args.full:
         model.requires_grad_(True)
     else:
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(SD3FlowModel.LORA_TARGETS),
+        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=flavours.lora_targets(name, model),
                                      init_lora_weights="gaussian"))
         for p in model.parameters():
             if p.requires_grad:
@@ -74,19 +120,14 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
         torch.cuda.reset_peak_memory_stats(device)
     opt = adamw(params, ds, lr=3e-5, weight_decay=1e-4)  # DeepSpeed's CPU AdamW under optimizer offload
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    C, L = arch["in_channels"], args.text_tokens
     g = torch.Generator(device).manual_seed(rank)
-    x = torch.randn(args.rows, C, latent, latent, generator=g, device=device)
-    emb = torch.randn(args.rows, L, arch["joint_attention_dim"], generator=g, device=device).to(dtype)
-    pooled = torch.randn(args.rows, arch["pooled_projection_dim"], generator=g, device=device).to(dtype)
-    v_ref = torch.randn_like(x)
-    d = 0.05 * torch.randn_like(x)
+    inputs = step_inputs(name, args.rows, latent, text_tokens, dtype, device, g)
+    v_ref = torch.randn(inputs["hidden_states"].shape, generator=g, device=device)
+    d = 0.05 * torch.randn_like(v_ref)
     dR = 0.1 * torch.randn(args.rows, generator=g, device=device)
-    sigma = torch.rand(args.rows, generator=g, device=device)
 
     def step():
-        v = engine(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=emb,
-                   pooled_projections=pooled, return_dict=False)[0].float()
+        v = engine(**inputs, return_dict=False)[0].float()
         loss, _ = fdfo_loss(v, v_ref, d, dR, 0.03)
         engine.backward(loss)
         engine.step()
@@ -102,44 +143,54 @@ def run_stage(args, stage: int, device: torch.device, rank: int, world: int) -> 
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    result = {"arch": args.arch, "stage": stage, "offload": offload, "full": args.full,
+    result = {"arch": name, "family": family, "stage": stage, "offload": offload, "full": args.full,
               "world": world, "rows": args.rows, "latent": latent, "step_s": seconds,
               "samples_per_s": args.rows * world / seconds, "peak_gib": peak,
-              "steps": args.steps, "warmup": args.warmup, "text_tokens": args.text_tokens,
+              "steps": args.steps, "warmup": args.warmup, "text_tokens": text_tokens,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    del engine, model, opt
+    if hasattr(engine, "destroy"):  # ZeRO-3's hooks hold the module: release it before the next (larger) model
+        engine.destroy()
+    del engine, model, opt, inputs, v_ref, d, dR
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd35-medium")
+    parser.add_argument("--arch", nargs="+", default=["sd35-medium"], metavar="NAME[:STAGES]",
+                        help=f"architectures ({', '.join(flavours.names())}), each at --stage or at its own "
+                             "comma-separated stages (flux1-dev:3)")
     parser.add_argument("--stage", type=int, nargs="+", default=[0, 2, 3])
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with CPU offload of parameters and optimizer")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--rows", type=int, default=6, help="training elements per micro-batch")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: 512² images)")
-    parser.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 tokens for SD3.5")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help=f"default: {SD3_TEXT_TOKENS} for SD3.5 (77 CLIP + 256 T5), {FLUX_TEXT_TOKENS} T5 for FLUX.1")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/zero_results.jsonl")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
+    try:
+        runs = parse_runs(args.arch, args.stage)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     from fdfo import distributed
 
     device = distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
-    for stage in args.stage:
-        res = run_stage(args, stage, device, rank, world)
-        if rank == 0:
-            peak = f"{res['peak_gib']:.1f} GiB" if res["peak_gib"] is not None else "n/a (CPU)"
-            print(f"{res['arch']} stage={stage}{' offload' if res['offload'] else ''} "
-                  f"{'full' if args.full else 'LoRA'} world={world}: {res['samples_per_s']:.2f} samples/s, "
-                  f"step {res['step_s'] * 1000:.0f} ms, peak {peak}", flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(res) + "\n")
+    for name, stages in runs:
+        for stage in stages:
+            res = run_stage(args, name, stage, device, rank, world)
+            if rank == 0:
+                peak = f"{res['peak_gib']:.1f} GiB" if res["peak_gib"] is not None else "n/a (CPU)"
+                print(f"{res['arch']} stage={stage}{' offload' if res['offload'] else ''} "
+                      f"{'full' if args.full else 'LoRA'} world={world}: {res['samples_per_s']:.2f} samples/s, "
+                      f"step {res['step_s'] * 1000:.0f} ms, peak {peak}", flush=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":

@@ -264,7 +264,8 @@ SECTIONS = {
     "sampling_off": ("Sampling, CFG off (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_off")),
     "sampling_on": ("Sampling, CFG on (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_on")),
     "epoch": ("One epoch: fast path against the published formulation (`bench_epoch.py`)", section_epoch),
-    "zero_lora": ("ZeRO stages, LoRA (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_lora")),
+    "zero_lora": ("ZeRO stages, LoRA (`bench_zero.py`; SD3.5 Medium, and FLUX.1 [dev] and SD3.5 Large at ZeRO-3, "
+                  "on the GPU)", lambda d: section_zero(d, "zero_lora")),
     "zero_full": ("ZeRO-3, full fine-tuning (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_full")),
     "zero_offload": ("ZeRO-3 with CPU offload, LoRA (`bench_zero.py`; SD3.5 Large on the GPU)",
                      lambda d: section_zero(d, "zero_offload")),

@@ -3,7 +3,7 @@
 # most 8 minutes each.
 #
 #   bash scripts/gpu_wheels.sh                 # here, first: .whl/ with the wheels that machine lacks
-#   bash benchmarks/run_gpu.sh OUT 1           # there: env aot kernels sampling_off zero_lora tests
+#   bash benchmarks/run_gpu.sh OUT 1           # there: env aot kernels sampling_off tests zero_lora
 #   bash benchmarks/run_gpu.sh OUT 2           # there: env sampling_on epoch zero_full zero_offload
 #   bash benchmarks/run_gpu.sh OUT PART ...    # named parts only (install env tests aot kernels
 #                                              # sampling_off sampling_on epoch zero_lora zero_full zero_offload)
@@ -23,7 +23,9 @@
 # Sizes: SD3.5 Medium at 512² (64×64 latents), the published micro-batches (3 pairs = 6 rows
 # per sampling forward, 6 rows per training forward), one timed repeat; each part is meant to
 # take about 90 s on one H200, the offloaded SD3.5 Large part longer (DeepSpeed's CPU Adam op
-# compiles on first use, about a minute).
+# compiles on first use, about a minute). zero_lora adds, after SD3.5 Medium's stages 0, 2 and
+# 3, a ZeRO-3 LoRA row each for FLUX.1 [dev] (512² = 32×32 tokens, 512 T5 tokens) and SD3.5
+# Large, so it runs last in its command: what it measured is kept if the budget runs out.
 #
 # Environment: PYTHON (default python3, else python), FDFO_WHEELS (default .whl), FDFO_GPU_SITE
 # (where the wheels go; default $TMPDIR/fdfo-gpu-site), FDFO_GPU_REQUIRED (the modules that must
@@ -40,7 +42,7 @@ shift
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 
-GROUP1="env aot kernels sampling_off zero_lora tests"
+GROUP1="env aot kernels sampling_off tests zero_lora"
 GROUP2="env sampling_on epoch zero_full zero_offload levers"
 ALL_PARTS="install env tests aot kernels sampling_off sampling_on epoch zero_lora zero_full zero_offload levers"
 case "${1:-}" in
@@ -243,15 +245,18 @@ part() {
             --pairs 6 --warmup-epochs 1 --variants fast host sdpa_flash sdpa_cudnn sdpa_efficient
         run_part levers 300 "$PY" benchmarks/bench_epoch.py "${ARGS[@]}" --out "$OUT/levers.json" ;;
     zero_lora | zero_full | zero_offload)
-        local small=(--arch tiny --rows 2 --text-tokens 8 --steps 1 --warmup 0)
+        local small=(--rows 2 --text-tokens 8 --steps 1 --warmup 0)
         zero_cmd
         case $p in
-        zero_lora) tiny "${small[@]}" --stage 0 2 3 -- --arch sd35-medium --stage 0 2 3 --steps 5 --warmup 2 ;;
-        zero_full) tiny "${small[@]}" --stage 3 --full -- --arch sd35-medium --stage 3 --full --steps 5 --warmup 2 ;;
-        zero_offload) tiny "${small[@]}" --stage 3 --offload -- --arch sd35-large --stage 3 --offload --steps 3 --warmup 1 ;;
+        # (FLUX.1 [dev] and SD3.5 Large at ZeRO-3 after SD3.5 Medium's stages; the dry run: the tiny FLUX)
+        zero_lora) tiny --arch tiny flux-tiny:3 --stage 0 2 3 "${small[@]}" -- \
+            --arch sd35-medium flux1-dev:3 sd35-large:3 --stage 0 2 3 --steps 5 --warmup 2 ;;
+        zero_full) tiny --arch tiny "${small[@]}" --stage 3 --full -- --arch sd35-medium --stage 3 --full --steps 5 --warmup 2 ;;
+        zero_offload) tiny --arch tiny "${small[@]}" --stage 3 --offload -- --arch sd35-large --stage 3 --offload --steps 3 --warmup 1 ;;
         esac
         rm -f "$OUT/$p.jsonl"
         local limit=90
+        [ "$p" = zero_lora ] && limit=240  # (two 8-12 B models built and partitioned after SD3.5 Medium's three stages)
         [ "$p" = zero_offload ] && limit=420  # (includes building DeepSpeed's CPU Adam op on first use, slow on a busy machine)
         run_part "$p" "$limit" "${ZERO[@]}" "${ARGS[@]}" --out "$OUT/$p.jsonl" ;;
     esac

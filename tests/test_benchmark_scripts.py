@@ -40,3 +40,56 @@ def test_bench_kernels_cases_select_shapes():
     assert sorted({(c.res, c.rows, c.dtype) for c in chosen}) == [(512, 6, "bf16"), (1024, 6, "bf16")]
     assert len(chosen) == 10
     assert all(c.small and c.rows == 4 for c in cases(small=True))
+
+
+def test_flux1_dev_flavour_is_the_published_transformer():
+    """FLUX.1 [dev]'s transformer from the table: 19 double-stream and 38 single-stream blocks, 24 heads of 128,
+    the distilled guidance input; 11,901,408,320 parameters (the published ≈ 11.9 B), counted on the meta
+    device. The default LoRA targets reach every block of both kinds and not the final projection."""
+    from fdfo.models import FluxFlowModel, flavours
+
+    assert flavours.parameter_count("flux1-dev") == 11_901_408_320
+    assert flavours.parameter_count("flux-tiny") < 100_000
+    assert flavours.family("flux1-dev") is FluxFlowModel and flavours.sample_size("flux1-dev") == 128
+    with torch.device("meta"):
+        model = flavours.build("flux1-dev")
+    cfg = model.config
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
+    assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.in_channels, cfg.joint_attention_dim,
+            cfg.pooled_projection_dim, cfg.guidance_embeds) == (24, 128, 64, 4096, 768, True)
+    assert sum(cfg.axes_dims_rope) == cfg.attention_head_dim
+    targets = flavours.lora_targets("flux1-dev", model)
+    hits = {n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
+    assert "proj_out" not in hits
+    double = [f"transformer_blocks.{i}.attn.{p}" for i in range(19) for p in
+              ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
+    single = [f"single_transformer_blocks.{i}.{p}" for i in range(38) for p in
+              ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out")]
+    assert hits == set(double) | set(single)
+
+
+def test_bench_zero_runs_and_inputs():
+    """bench_zero's --arch list (each at --stage or its own NAME:STAGES) and the transformer inputs it
+    builds per family: a forward on the meta device of FLUX.1 [dev] and SD3.5 Large at 512²."""
+    import pytest
+
+    from benchmarks.bench_zero import parse_runs, step_inputs
+    from fdfo.models import flavours
+
+    assert parse_runs(["sd35-medium", "flux1-dev:3", "sd35-large:2,3"], [0, 2, 3]) == [
+        ("sd35-medium", [0, 2, 3]), ("flux1-dev", [3]), ("sd35-large", [2, 3])]
+    for bad, match in (("flux2", "unknown architecture"), ("flux1-dev:x", "comma-separated"),
+                       ("tiny:4", "stages are 0, 1, 2 or 3")):
+        with pytest.raises(ValueError, match=match):
+            parse_runs([bad], [0])
+    for name, tokens, shape in (("flux1-dev", 512, (2, 1024, 64)), ("sd35-large", 333, (2, 16, 64, 64))):
+        g = torch.Generator().manual_seed(0)
+        inputs = step_inputs(name, 2, 64, tokens, torch.float32, torch.device("cpu"), g)
+        with torch.device("meta"):
+            model = flavours.build(name)
+        meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in inputs.items()}
+        assert tuple(model(**meta, return_dict=False)[0].shape) == shape
+    assert inputs["timestep"].max() > 1  # SD3 takes 1000·σ; FLUX σ itself (with the guidance 3.5)
+    flux = step_inputs("flux1-dev", 2, 64, 512, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert flux["timestep"].max() <= 1 and torch.equal(flux["guidance"], torch.full((2,), 3.5))
+    assert flux["img_ids"].shape == (1024, 3) and flux["txt_ids"].shape == (512, 3)

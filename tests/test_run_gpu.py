@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
-GROUPS = {"1": ["env", "aot", "kernels", "sampling_off", "zero_lora", "tests"],
+GROUPS = {"1": ["env", "aot", "kernels", "sampling_off", "tests", "zero_lora"],
           "2": ["env", "sampling_on", "epoch", "zero_full", "zero_offload", "levers"]}
 TITLES = {"env": "## Environment", "tests": "## GPU tests", "aot": "## Kernels compiled for sm_90",
           "kernels": "## Kernels against eager", "sampling_off": "## Sampling, CFG off",
@@ -146,11 +146,15 @@ def test_dry_run_benchmark_results(dry_run):
 
     zero = {p: [json.loads(line) for line in (out / f"{p}.jsonl").read_text().splitlines()]
             for out, p in ((one, "zero_lora"), (two, "zero_full"), (two, "zero_offload"))}
-    assert [(r["stage"], r["offload"], r["full"]) for r in zero["zero_lora"]] == [(0, False, False), (2, False, False),
-                                                                                  (3, False, False)]
-    assert [(r["stage"], r["offload"], r["full"]) for r in zero["zero_full"]] == [(3, False, True)]
-    assert [(r["stage"], r["offload"], r["full"]) for r in zero["zero_offload"]] == [(3, True, False)]
-    assert all(r["samples_per_s"] > 0 and r["step_s"] > 0 and r["arch"] == "tiny" for rs in zero.values() for r in rs)
+    # zero_lora: the SD3 stages, then the FLUX ZeRO-3 row (on the GPU: SD3.5 Medium, then FLUX.1 [dev] and SD3.5 Large)
+    assert [(r["arch"], r["family"], r["stage"], r["offload"], r["full"]) for r in zero["zero_lora"]] == [
+        ("tiny", "sd3", 0, False, False), ("tiny", "sd3", 2, False, False), ("tiny", "sd3", 3, False, False),
+        ("flux-tiny", "flux", 3, False, False)]
+    assert zero["zero_lora"][-1]["latent"] == 4 and zero["zero_lora"][-1]["text_tokens"] == 8
+    assert [(r["arch"], r["stage"], r["offload"], r["full"]) for r in zero["zero_full"]] == [("tiny", 3, False, True)]
+    assert [(r["arch"], r["stage"], r["offload"], r["full"]) for r in zero["zero_offload"]] == [("tiny", 3, True, False)]
+    assert all(r["samples_per_s"] > 0 and r["step_s"] > 0 for rs in zero.values() for r in rs)
+    assert "| flux-tiny | 3 | no | LoRA r=32 |" in _section((one / "gpu_report.md").read_text(), TITLES["zero_lora"])
 
     tests = _section((one / "gpu_report.md").read_text(), TITLES["tests"])
     assert "skipped" in tests and "needs CUDA" in tests
