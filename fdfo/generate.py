@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fdfo import adapters, tasks
-from fdfo.models import Conditioning, FlowModel, family_of, load_flow_model
+from fdfo.models import Conditioning, FlowModel, family_of, family_options, load_flow_model
 from fdfo.sampling import sample_deterministic
 
 PUBLISHED = {"steps": 40, "guidance": 1.0, "max_sequence_length": 128, "resolution": None}
@@ -235,9 +235,11 @@ def _full_problems(transformer: nn.Module, transformer_dir: Path) -> list[str]:
 
 
 def sampling_defaults(model_path: str | None, run_config: dict | None) -> dict:
-    """steps, guidance, negative prompt, shift, text length, resolution: the run's, else those of the
-    built-in task's default job (for a ``builtin:`` model), else the published ones."""
-    out = dict(PUBLISHED, negative_prompt="", shift=None, model=model_path, revision=None, cache_dir=None)
+    """steps, guidance, negative prompt, shift, text length, resolution and the model family's own options
+    (FLUX's guidance): the run's, else those of the built-in task's default job (for a ``builtin:``
+    model), else the published ones."""
+    out = dict(PUBLISHED, negative_prompt="", shift=None, model=model_path, revision=None, cache_dir=None,
+               model_options={})
     if run_config is None and tasks.is_builtin(model_path):
         from fdfo.config import build_config
 
@@ -247,7 +249,8 @@ def sampling_defaults(model_path: str | None, run_config: dict | None) -> dict:
         out.update(model=model_path or m["path"], steps=s["steps"], guidance=s["guidance_scale"],
                    negative_prompt=s.get("negative_prompt", ""), shift=s.get("shift"),
                    max_sequence_length=m["max_sequence_length"], resolution=m["resolution"],
-                   revision=m.get("revision"), cache_dir=m.get("cache_dir"))
+                   revision=m.get("revision"), cache_dir=m.get("cache_dir"),
+                   model_options={k: m[k] for k in family_options() if m.get(k) is not None})
     return out
 
 
@@ -445,7 +448,7 @@ def load_model(args, settings: dict) -> FlowModel:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = ModelConfig(path=settings["model"], revision=settings["revision"], dtype=args.dtype,
                             max_sequence_length=settings["max_sequence_length"], resolution=settings["resolution"],
-                            cache_dir=settings["cache_dir"])
+                            cache_dir=settings["cache_dir"], **settings["model_options"])
     return load_flow_model(model_cfg, device, shift=settings["shift"])
 
 

@@ -332,8 +332,6 @@ def test_generate_and_evaluate_with_a_flux_checkpoint(trained, flux_dir, clip_di
     assert (out / "report.html").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="fdfo.generate.load_model builds the ModelConfig without the run's family "
-                                       "options, so a FLUX run's model.flux_guidance falls back to 3.5")
 def test_generate_samples_with_the_runs_flux_guidance(trained, flux_dir, tmp_path, monkeypatch):
     """A run trained with model.flux_guidance 2.0 must be sampled by generate/evaluate at 2.0 as well."""
     from fdfo import generate

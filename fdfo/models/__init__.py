@@ -23,6 +23,11 @@ from fdfo.models.sd3 import SD3FlowModel
 FAMILIES: tuple[type[FlowModel], ...] = (SD3FlowModel, FluxFlowModel)
 
 
+def family_options() -> set[str]:
+    """The ``model.*`` keys that belong to one family (``FlowModel.OPTIONS``), e.g. ``flux_guidance``."""
+    return {key for family in FAMILIES for key in family.OPTIONS}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -58,5 +63,5 @@ def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = No
     return model
 
 
-__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_of", "load_flow_model",
-           "resolve_dtype"]
+__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_of", "family_options",
+           "load_flow_model", "resolve_dtype"]
