@@ -29,6 +29,11 @@ checkpoint and their difference, per-prompt values), ``report.png`` and
 ``report.html`` (base | checkpoint images of the first ``--report-prompts``
 prompts, with their scores) and ``images/{base,checkpoint}/``.
 
+``--protocol NAME`` runs a whole evaluation protocol instead (``fdfo.evaluate_protocol``: the
+published one, or a task's such as ``digits``): the base model and each ``--adapter`` on every
+prompt set and metric of the protocol, resumable, into one table with the published row to beat;
+``python -m fdfo.evaluate --protocol published --help`` lists its options.
+
 A mistake on the command line (a prompt file that is missing, empty or not
 UTF-8, an ``--out`` that cannot be written, an unknown metric, a checkpoint of
 another base model, a number out of range) is one line on stderr and exit
@@ -262,6 +267,11 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--protocol" or a.startswith("--protocol=") for a in argv):
+        from fdfo import evaluate_protocol
+
+        return evaluate_protocol.main(argv)
     args = parse_args(argv)
     try:  # the same on every rank: each stops here with the same message
         check_args(args)

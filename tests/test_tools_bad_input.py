@@ -418,3 +418,110 @@ def test_evaluate_report_without_images(tmp_path):
                    "world_size": 1, "seconds": 0.0, "metrics": {"s": {"base": 0.5}}, "notes": {}}
         write_report(out, ["a", "b"], [0, 1], {"base": variant}, results)
         assert (out / "report.html").is_file() and not (out / "report.png").exists()
+
+
+# --------------------------------------------------------------------------- evaluate --protocol
+
+
+def protocol_args(tmp_path: Path, model: Path, *extra: str) -> list[str]:
+    """The published protocol at its smallest on the tiny base: a prompt per set, one CLIP metric."""
+    for name in ("train", "hpd"):
+        (tmp_path / f"{name}.txt").write_text("a digit\n")
+    return ["--protocol", "published", "--model", str(model), "--prompts-train", str(tmp_path / "train.txt"),
+            "--prompts-hpd", str(tmp_path / "hpd.txt"), "--metrics", "clip_score", "--repeats", "2", "--steps", "1",
+            *extra, "--out", str(tmp_path / "o")]
+
+
+PROTOCOL_MISTAKES = {
+    "protocol_unknown": (["--protocol", "publshed"], "unknown protocol 'publshed'; available protocols: published, "
+                                                     "digits"),
+    "prompt_file_missing": (["--prompts-hpd", "{tmp}/nope.txt"],
+                            "prompt file '{tmp}/nope.txt' (HPDv2 benchmark prompts (anime, concept-art, paintings, "
+                            "photo)) does not exist; write the 3,200 HPDv2 benchmark prompts into it"),
+    "metric_unknown": (["--metrics", "pickscor"], "unknown metric 'pickscor'; available metrics: "),
+    "metric_of_another_protocol": (["--metrics", "digit_probability"],
+                                   "metric 'digit_probability' is not part of protocol 'published'"),
+    "diversity_one_repeat": (["--metrics", "clip_diversity", "--repeats", "1"], "give --repeats 2 or more"),
+    "path_other_metric": (["--path", "pickscore=/w"], "names metric 'pickscore', which is not evaluated here"),
+    "path_missing": (["--path", "clip_score={tmp}/no-clip"], "'{tmp}/no-clip' does not exist"),
+    "max_prompts_zero": (["--max-prompts", "0"], "--max-prompts must be at least 1 (got 0)"),
+    "steps_zero": (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+    "adapter_missing": (["--adapter", "{tmp}/no-such-run"], "checkpoint '{tmp}/no-such-run' does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROTOCOL_MISTAKES))
+def test_evaluate_protocol_mistakes_are_found_before_loading(case, tiny_pipeline_dir, no_model_loading, tmp_path,
+                                                             capsys):
+    extra, expected = PROTOCOL_MISTAKES[case]
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    argv = protocol_args(tmp_path, tiny_pipeline_dir, *extra)
+    if case == "protocol_unknown":
+        argv = argv[2:] + extra
+    assert tool_main("evaluate")(argv) == 1
+    assert expected.replace("{tmp}", str(tmp_path)) in one_line_error(capsys, "evaluate")
+
+
+def test_evaluate_protocol_default_prompt_file_missing_says_how_to_make_it(tiny_pipeline_dir, no_model_loading,
+                                                                           tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # (prompts/pickscore_train.txt, the default, is not there)
+    argv = ["--protocol", "published", "--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "o")]
+    assert tool_main("evaluate")(argv) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "prompt file 'prompts/pickscore_train.txt' (PickScore training prompts" in err
+    assert "Pick-a-Pic v1 training captions" in err and err.endswith("or give --prompts-train FILE")
+
+
+@pytest.mark.parametrize("other", ["wider", "deeper"])
+def test_evaluate_protocol_adapter_of_another_base_is_found_before_loading(other, adapter_run, other_bases,
+                                                                           tiny_pipeline_dir, no_model_loading,
+                                                                           tmp_path, capsys):
+    argv = protocol_args(tmp_path, other_bases[other], "--adapter", str(adapter_run))
+    assert tool_main("evaluate")(argv) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "does not fit base model" in err and f"--model {tiny_pipeline_dir}" in err
+    # the second of two checkpoints too, against the base the first one names
+    copy = tmp_path / "other_run"
+    shutil.copytree(adapter_run, copy)
+    wider = tmp_path / "wider_ckpt" / "transformer"
+    shutil.copytree(other_bases[other] / "transformer", wider)
+    argv = protocol_args(tmp_path, tiny_pipeline_dir, "--adapter", str(copy), "--adapter", str(wider.parent))
+    assert tool_main("evaluate")(argv) == 1
+    assert f"checkpoint '{wider}' does not fit base model '{tiny_pipeline_dir}'" in one_line_error(capsys, "evaluate")
+
+
+def test_evaluate_protocol_adapter_of_another_base_is_found_after_loading_before_sampling(
+        adapter_run, other_bases, tiny_pipeline_dir, monkeypatch, no_sampling, tmp_path, capsys):
+    monkeypatch.setattr("fdfo.generate._meta_transformer", lambda *a: None)
+    argv = protocol_args(tmp_path, other_bases["wider"], "--adapter", str(adapter_run))
+    assert tool_main("evaluate")(argv) == 1
+    err = one_line_error(capsys, "evaluate", loaded=True)
+    assert "does not fit base model" in err and "inputs in the adapter" in err
+
+
+def test_evaluate_protocol_checkpoints_that_sample_differently_are_refused(adapter_run, tiny_pipeline_dir,
+                                                                          no_model_loading, tmp_path, capsys):
+    """Two checkpoints whose run configs sample with other steps: one base column cannot serve both."""
+    other = tmp_path / "other_run"
+    shutil.copytree(adapter_run, other)
+    trainer = other / "checkpoints" / "epoch_0001" / "trainer.json"
+    state = json.loads(trainer.read_text())
+    state["config"]["sampling"]["steps"] = 7
+    trainer.write_text(json.dumps(state))
+    argv = protocol_args(tmp_path, tiny_pipeline_dir, "--adapter", str(adapter_run), "--adapter", str(other))
+    argv.remove("--steps")
+    argv.remove("1")
+    assert tool_main("evaluate")(argv) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "sample with different steps (2 and 7); give --steps to sample all with one value" in err
+    with pytest.raises(AssertionError, match="a model was loaded"):  # --steps: one value for both, no mistake left
+        tool_main("evaluate")([*argv, "--steps", "2"])
+
+    # Without --model, checkpoints whose run configs name different base models have no common base column.
+    state["config"]["sampling"]["steps"] = 2
+    state["config"]["model"]["path"] = str(tmp_path / "another-base")
+    trainer.write_text(json.dumps(state))
+    argv = [a for a in argv if a not in ("--model", str(tiny_pipeline_dir))]
+    assert tool_main("evaluate")(argv) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "were trained on different base models" in err and "give --model to evaluate both against one" in err

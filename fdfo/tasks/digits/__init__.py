@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fdfo.protocol import PromptSet, Protocol
 from fdfo.tasks import Task, cache_root
 from fdfo.tasks.digits.data import DIGIT_PROMPTS
 
@@ -90,6 +91,21 @@ def _reward(cls_name: str):
 
     return factory
 
+
+# `python -m fdfo.evaluate --protocol digits`: the published protocol's shape at the digits task's size.
+# The training reward on the training prompts (as PickScore and the VLM score), the held-out judge and
+# the CLIP diversity on a second set (as HPSv2, CLIP score and diversity on HPDv2); no published row.
+PROTOCOL = Protocol(
+    name="digits",
+    title="the digits task's evaluation protocol",
+    prompt_sets=(
+        PromptSet("train", "the digits job's training prompts", "builtin:digits", None, ("digit_probability",)),
+        PromptSet("heldout", "digit prompts for the held-out metrics", "builtin:digits", None,
+                  ("digit_judge_accuracy", "clip_diversity")),
+    ),
+    repeats=4,
+    model="builtin:digits",
+)
 
 TASK = Task(
     name="digits",
