@@ -247,28 +247,30 @@ def test_digits_protocol_on_two_ranks_matches_one_process(digits_root, monkeypat
 
 
 @pytest.fixture(scope="module")
-def sd3_run(tmp_path_factory, tiny_pipeline_dir):
-    """A LoRA checkpoint of the tiny SD3 pipeline whose run config sets 2 steps and 16 pixels."""
+def sd3_runs(tmp_path_factory, tiny_pipeline_dir):
+    """Two runs (a, b) with a LoRA checkpoint each of the tiny SD3 pipeline (other weights), whose run
+    config sets 2 steps and 16 pixels."""
     from fdfo.models import SD3FlowModel
 
-    model = SD3FlowModel(str(tiny_pipeline_dir), device=torch.device("cpu"), dtype=torch.float32,
-                         max_sequence_length=16)
-    model.add_lora(LoraConfig(rank=4, alpha=8.0))
-    with torch.no_grad():
-        for name, p in model.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
-    run = tmp_path_factory.mktemp("sd3_run")
-    ckpt = run / "checkpoints" / "epoch_0100"
-    model.save_lora(ckpt / "adapter")
-    cfg = build_config({"model": {"path": str(tiny_pipeline_dir), "resolution": 16, "max_sequence_length": 16},
-                        "sampling": {"steps": 2}})
-    (ckpt / "trainer.json").write_text(json.dumps({"epoch": 100, "config": cfg.to_dict()}))
-    (run / "checkpoints" / "latest").write_text("epoch_0100")
-    return run
+    root = tmp_path_factory.mktemp("sd3_runs")
+    for seed, name in ((2, "a"), (3, "b")):
+        model = SD3FlowModel(str(tiny_pipeline_dir), device=torch.device("cpu"), dtype=torch.float32,
+                             max_sequence_length=16)
+        model.add_lora(LoraConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for pname, p in model.transformer.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed))
+        ckpt = root / name / "checkpoints" / "epoch_0100"
+        model.save_lora(ckpt / "adapter")
+        cfg = build_config({"model": {"path": str(tiny_pipeline_dir), "resolution": 16, "max_sequence_length": 16},
+                            "sampling": {"steps": 2}})
+        (ckpt / "trainer.json").write_text(json.dumps({"epoch": 100, "config": cfg.to_dict()}))
+        (root / name / "checkpoints" / "latest").write_text("epoch_0100")
+    return root / "a", root / "b"
 
 
-def test_published_protocol_table_at_tiny_size(sd3_run, tiny_pipeline_dir, tmp_path):
+def test_published_protocol_table_at_tiny_size(sd3_runs, tiny_pipeline_dir, tmp_path):
     """The published protocol's table: its columns, the published row to beat, n/a with a footnote for the
     metrics without weights (HPSv2, DreamSim), the CLIP diversity marked as not DreamSim."""
     from fdfo.evaluate import main
@@ -278,12 +280,13 @@ def test_published_protocol_table_at_tiny_size(sd3_run, tiny_pipeline_dir, tmp_p
     (tmp_path / "train.txt").write_text("a red fox in snow\na bowl of ramen\na lighthouse at dusk\n")
     (tmp_path / "hpd.txt").write_text("a castle on a hill, concept art\nan anime girl with a sword\n")
     out = tmp_path / "eval"
-    argv = ["--protocol", "published", "--adapter", str(sd3_run), "--prompts-train", str(tmp_path / "train.txt"),
+    argv = ["--protocol", "published", "--adapter", str(sd3_runs[0]), "--adapter",
+            str(sd3_runs[1] / "checkpoints" / "epoch_0100"), "--prompts-train", str(tmp_path / "train.txt"),
             "--prompts-hpd", str(tmp_path / "hpd.txt"), "--metrics", "pickscore", "hpsv2", "clip_score_h14",
             "clip_score", "dreamsim_diversity", "clip_diversity",
             "--path", *(f"{m}={clip}" for m in ("pickscore", "clip_score_h14", "clip_score", "clip_diversity")),
-            "--max-prompts", "2", "--repeats", "2", "--out", str(out)]
-    assert main(argv) == 0
+            "--max-prompts", "2", "--repeats", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
     res = json.loads((out / "protocol.json").read_text())
     assert res["steps"] == 2 and res["guidance"] == 1.0 and res["model"] == str(tiny_pipeline_dir)  # the run's
     assert res["prompt_sets"]["train"] == {
@@ -304,4 +307,20 @@ def test_published_protocol_table_at_tiny_size(sd3_run, tiny_pipeline_dir, tmp_p
     assert "- `-` in the published row: no published value (CLIP diversity (not DreamSim))." in lines
     assert (f"- PickScore on PickScore training prompts (Pick-a-Pic v1 captions): the first 2 of the 3 prompts in "
             f"`{tmp_path / 'train.txt'}` (the protocol's size: 4,096), × 2 images.") in lines
-    assert any(line.startswith(f"| {sd3_run.name}-epoch_0100 | ") for line in lines)  # the checkpoint's row
+    assert [m["name"] for m in res["models"]] == ["base", "a-epoch_0100", "b-epoch_0100"]
+    assert any(line.startswith("| a-epoch_0100 | ") for line in lines)  # a row per checkpoint
+    for metric in ("pickscore", "clip_diversity"):  # (the tiny CLIP's scores are all max(cos, 0) = 0)
+        values_ = res["metrics"][metric]["values"]
+        assert len({values_["base"], values_["a-epoch_0100"], values_["b-epoch_0100"]}) == 3, metric
+
+    # The second checkpoint is sampled by a freshly loaded base, not on top of the first: the same images
+    # and values as when it is evaluated alone.
+    alone = tmp_path / "alone"
+    argv = [a for a in argv if a != str(sd3_runs[0])]
+    argv.remove("--adapter")
+    assert main([*argv, "--out", str(alone)]) == 0
+    res_alone = json.loads((alone / "protocol.json").read_text())
+    for metric, entry in res["metrics"].items():
+        assert res_alone["metrics"][metric]["values"] == {k: v for k, v in entry["values"].items()
+                                                          if k != "a-epoch_0100"}, metric
+    assert list(images(alone)) == [k for k in images(out) if "/a-epoch_0100/" not in k]
