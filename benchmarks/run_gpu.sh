@@ -225,7 +225,7 @@ part() {
         elif [ "$DRY" = 1 ]; then
             sel=(tests/test_graphs.py::test_graph_on_gpu)  # without CUDA they skip, and say why
         else
-            sel=(tests/test_graphs.py tests/test_kernels.py)
+            sel=(tests/test_graphs.py tests/test_kernels.py tests/test_trajectories.py)
         fi
         run_part tests 150 "$PY" -m pytest "${sel[@]}" -v -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" ;;
     aot)

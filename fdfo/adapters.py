@@ -33,10 +33,13 @@ def is_peft_adapter(path: Path) -> bool:
 
 
 def locate(spec: str, revision: str | None = None) -> Path:
-    """A local adapter directory, or ``owner/name/sub/folder`` (a hub repository and the subfolder that holds
-    the adapter) downloaded to the hub cache (its two files only)."""
+    """A local adapter directory, or ``owner/name[/sub/folder]`` (a hub repository and the subfolder that holds
+    the adapter) downloaded to the hub cache (its two files only). A spec is local when it exists, starts
+    like a path (``.``, ``/``, ``~``) or its first component is a local directory (a mistyped
+    ``runs/x/...`` stays a local path that does not exist, never a hub request)."""
     local = Path(spec).expanduser()
-    if local.exists() or spec.startswith((".", "/", "~")) or spec.count("/") < 1:
+    first = Path(spec.split("/", 1)[0]).expanduser()
+    if local.exists() or spec.startswith((".", "/", "~")) or "/" not in spec or first.is_dir():
         return local
     owner, name, *sub = spec.split("/")
     from huggingface_hub import hf_hub_download
@@ -46,9 +49,10 @@ def locate(spec: str, revision: str | None = None) -> Path:
         files = [hf_hub_download(f"{owner}/{name}", f, subfolder=subfolder, revision=revision)
                  for f in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as exc:  # network errors, a missing repository or subfolder
-        raise AdapterError(f"could not fetch adapter '{spec}' from the hub ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}); download its folder first "
-                           "(huggingface-cli download REPO --include 'SUBFOLDER/*') and give the local path") from exc
+        raise AdapterError(f"'{spec}' is neither a local directory nor an adapter the hub gave "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give a "
+                           "local path, or download the adapter's folder first (huggingface-cli download REPO "
+                           "--include 'SUBFOLDER/*') and give its path") from exc
     return Path(files[0]).parent
 
 

@@ -142,7 +142,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def fetch_rows(x: torch.Tensor, rows: torch.Tensor, *, into: torch.device | None = None, pin: bool = False,
-               chunk_rows: int | None = None) -> torch.Tensor:
+               chunk_rows: int | None = None, staged: list[int] | None = None) -> torch.Tensor:
     """``gather_rows(x)[rows]``, moving only the rows asked for.
 
     ``rows`` are indices into the rank-major concatenation of every rank's ``x`` (each rank holds
@@ -151,33 +151,51 @@ def fetch_rows(x: torch.Tensor, rows: torch.Tensor, *, into: torch.device | None
     asked for, not the whole epoch. Collective: every rank calls it, each with its own ``rows``.
 
     into: where the result is made (default: ``x``'s device), in pinned memory if ``pin``.
-    chunk_rows: at most this many of the asked rows per collective round (every rank runs as many
-    rounds as the rank that asks most), so that when the collectives need device tensors (NCCL)
-    and ``x`` or the result live in host memory, the device holds one round's rows at a time.
+    chunk_rows: at most this many of the asked rows per collective round (the ranks agree on the
+    smallest given and run as many rounds as the rank that asks most), so that when the collectives
+    need device tensors (NCCL) and ``x`` or the result live in host memory, the collectives' device
+    holds one round's rows at a time. staged: if given, gets the most bytes one round staged on
+    the collectives' device (what the rank sent, received and reordered).
     """
-    out = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=into or x.device,
-                      pin_memory=pin and (into or x.device).type == "cpu")
+    target = into or x.device
     if not active():
+        if chunk_rows is None and target == x.device and not pin:
+            return x[rows.to(x.device)]
+        out = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=target,
+                          pin_memory=pin and target.type == "cpu")
         step, rows = chunk_rows or max(rows.numel(), 1), rows.to(x.device)
         for i in range(0, rows.numel(), step):
-            out[i:i + step] = x[rows[i:i + step]]
+            part = rows[i:i + step]
+            out[i:i + part.numel()] = x[part]
         return out
     dev = _reduce_device()
     rows = rows.to(dev, torch.int64)
     if chunk_rows is None:
+        if target == dev and not pin:  # one round, its result is the answer: no second copy
+            got, nbytes = _exchange(x, rows, dev)
+            if staged is not None:
+                staged.append(nbytes)
+            return got
         rounds, chunk_rows = 1, max(rows.numel(), 1)
     else:
-        most = torch.tensor([rows.numel()], device=dev)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        rounds = -(-int(most) // chunk_rows)
+        agree = torch.tensor([rows.numel(), -chunk_rows], device=dev)  # most rows asked, smallest chunk
+        dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+        chunk_rows = max(1, -int(agree[1]))
+        rounds = -(-int(agree[0]) // chunk_rows)
+    out = torch.empty(rows.numel(), *x.shape[1:], dtype=x.dtype, device=target,
+                      pin_memory=pin and target.type == "cpu")
     for r in range(rounds):
         part = rows[r * chunk_rows:(r + 1) * chunk_rows]
-        out[r * chunk_rows:r * chunk_rows + part.numel()] = _exchange(x, part, dev)
+        got, nbytes = _exchange(x, part, dev)
+        out[r * chunk_rows:r * chunk_rows + part.numel()] = got
+        if staged is not None:
+            staged.append(nbytes)
     return out
 
 
-def _exchange(x: torch.Tensor, rows: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """One round of ``fetch_rows``: the rows ``rows`` (on the collectives' device ``dev``) of ``x``, on ``dev``."""
+def _exchange(x: torch.Tensor, rows: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, int]:
+    """One round of ``fetch_rows``: the rows ``rows`` (on the collectives' device ``dev``) of ``x``, on
+    ``dev``; and the bytes of rows this round held on ``dev`` at once."""
     n, world = x.shape[0], dist.get_world_size()
     owner = torch.div(rows, n, rounding_mode="floor")
     by_owner = torch.argsort(owner, stable=True)
@@ -193,7 +211,17 @@ def _exchange(x: torch.Tensor, rows: torch.Tensor, dev: torch.device) -> torch.T
     dist.all_to_all_single(got, payload, output_split_sizes=send_split, input_split_sizes=recv_split)
     out = torch.empty_like(got)
     out[by_owner] = got
-    return out
+    row = x[:1].numel() * x.element_size()
+    return out, (payload.shape[0] + 2 * rows.numel()) * row
+
+
+def first_error(error: str | None) -> str | None:
+    """The first rank's error, on every rank (each rank takes part, failed or not: no rank waits alone)."""
+    if not active():
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
     python -m fdfo.evaluate --adapter runs/sd35-medium/checkpoints/epoch_0100 \\
         --prompts prompts/hpdv2_photo.txt --repeats 4 --out eval/epoch_0100 \\
         --metrics pickscore vlm_alignment clip_score clip_score_h14 hpsv2 dreamsim_diversity \\
-        --path hpsv2=/models/hpsv2-hf dreamsim_diversity=/models/dreamsim
+        --path hpsv2=weights/hpsv2-hf dreamsim_diversity=weights/dreamsim
     torchrun --nproc_per_node 8 -m fdfo.evaluate ...     # prompts sharded over the ranks
 
 Every prompt is sampled ``--repeats`` times (seeds ``--seed`` + 0, 1, ...) with
@@ -54,7 +54,7 @@ import torch
 
 from fdfo import atomic, distributed
 from fdfo.generate import (Checkpoint, apply_checkpoint, check_args, check_device, check_model, generate_images,
-                           image_grid, load_model, prepare_out_dir, read_prompts, resolve, to_pil)
+                           image_grid, load_model, prepare_out_dir, read_prompts, resolve, run_ranked, to_pil)
 from fdfo.rewards import (DIVERSITY_METRICS, RewardUnavailable, build_diversity, build_reward, mean_pairwise_distance,
                           report_nonfinite)
 
@@ -100,7 +100,7 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
     sums, counts, nonfinite = torch.zeros(n, M, dtype=torch.float64), torch.zeros(n, M), torch.zeros(M)
     diversity = torch.zeros(n, len(diversities), dtype=torch.float64)
     shown_p, shown_r = min(n, report_prompts), min(R, report_repeats)
-    channels = model.vae.config.out_channels if model.vae is not None else model.latent_shape[0]
+    channels = model.image_channels()
     report_images = torch.zeros(shown_p, shown_r, channels, *model.image_size(), dtype=torch.uint8)  # 8-bit: small
     report_scores = torch.zeros(shown_p, shown_r, M)
     embeddings: dict[tuple[int, int], list[torch.Tensor]] = {}  # (prompt, diversity metric) -> embeddings
@@ -279,20 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
         return 1
-    created = not torch.distributed.is_initialized()
-    device = distributed.init(deepspeed=False)  # a process group only under a multi-rank launcher
-    if args.device is None and device.type == "cuda":
-        args.device = str(device)
-    if args.device and args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
-    try:
-        return _run(args, distributed.rank(), distributed.world_size())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"fdfo.evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if created:
-            distributed.close()
+    return run_ranked("fdfo.evaluate", args, lambda rank, world: _run(args, rank, world))
 
 
 def _prepare(args, rank: int) -> tuple:
@@ -335,15 +322,6 @@ def _check_metric_names(names: list[str]) -> None:
         raise ValueError(f"unknown metric '{unknown[0]}'; available metrics: {', '.join(known)}")
 
 
-def _first_error(error: str | None) -> str | None:
-    """The first rank's error, on every rank (each rank takes part, failed or not: no rank waits alone)."""
-    if not distributed.active():
-        return error
-    errors: list[str | None] = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
 def _run(args, rank: int, world: int) -> int:
     t0 = time.time()
     error = None
@@ -351,7 +329,7 @@ def _run(args, rank: int, world: int) -> int:
         prompts, ckpt, settings, names, paths, out = _prepare(args, rank)
     except (FileNotFoundError, ValueError) as exc:
         error = str(exc)
-    error = _first_error(error)
+    error = distributed.first_error(error)
     if error:
         raise ValueError(error)
 

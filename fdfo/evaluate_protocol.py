@@ -2,7 +2,7 @@
 metric of the protocol (``fdfo.protocol``), one table with the row to beat.
 
     python -m fdfo.evaluate --protocol published --adapter runs/sd35-medium/checkpoints/epoch_0100 \\
-        --out eval/published --path hpsv2=/models/hpsv2-hf dreamsim_diversity=/models/dreamsim
+        --out eval/published --path hpsv2=weights/hpsv2-hf dreamsim_diversity=weights/dreamsim
     torchrun --nproc_per_node 8 -m fdfo.evaluate --protocol published ...   # prompts sharded over the ranks
     python -m fdfo.evaluate --protocol digits --model builtin:digits --adapter runs/digits --out eval/digits
 
@@ -131,20 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    created = not torch.distributed.is_initialized()
-    device = distributed.init(deepspeed=False)  # a process group only under a multi-rank launcher
-    if args.device is None and device.type == "cuda":
-        args.device = str(device)
-    if args.device and args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
-    try:
-        return run(args, proto, distributed.rank(), distributed.world_size())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if created:
-            distributed.close()
+    return gen.run_ranked(PROG, args, lambda rank, world: run(args, proto, rank, world))
 
 
 # --------------------------------------------------------------------------- checks before any model loads
@@ -317,15 +304,6 @@ def record_settings(plan: Plan, args) -> None:
     store.remove_partial()  # what killed writers left (no rank writes images yet)
 
 
-def first_error(error: str | None) -> str | None:
-    """The first rank's error, on every rank (each rank takes part, failed or not: no rank waits alone)."""
-    if not distributed.active():
-        return error
-    errors: list[str | None] = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
 # --------------------------------------------------------------------------- images
 
 
@@ -452,7 +430,7 @@ def score(plan: Plan, args, store: ImageStore, rank: int, world: int) -> tuple[d
             with distributed.rank0_first():  # weights built on first use (a task's) by rank 0 alone
                 obj, note = build_metric(metric, plan.paths.get(metric), device, args.reward_batch_size,
                                          plan.settings["cache_dir"])
-            note = first_error(note)  # unavailable on one rank: on all
+            note = distributed.first_error(note)  # unavailable on one rank: on all
             if note:
                 notes[metric] = note
                 distributed.print0(f"{metric}: {note}")
@@ -663,7 +641,7 @@ def run(args, proto: protocols.Protocol, rank: int, world: int) -> int:
         plan = prepare(args, proto, rank)
     except (FileNotFoundError, ValueError) as exc:
         error = str(exc)
-    error = first_error(error)
+    error = distributed.first_error(error)
     if error:
         raise ValueError(error)
     distributed.barrier()  # settings.json is written and stale temporary files are gone
@@ -678,7 +656,7 @@ def run(args, proto: protocols.Protocol, rank: int, world: int) -> int:
         values, notes = score(plan, args, store, rank, world)
     except (FileNotFoundError, ValueError) as exc:  # (an image that other ranks cannot see, or cannot read)
         error, values, notes = str(exc), {}, {}
-    error = first_error(error)
+    error = distributed.first_error(error)
     if error:
         raise ValueError(error)
     if rank == 0:

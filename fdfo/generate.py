@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdfo import adapters, tasks
+from fdfo import adapters, distributed, tasks
 from fdfo.models import Conditioning, FlowModel, family_of, family_options, load_flow_model
 from fdfo.sampling import sample_deterministic
 
@@ -363,6 +363,26 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1 (got {value})")
     check_device(args.device, "--device")
+
+
+def run_ranked(prog: str, args, body) -> int:
+    """An evaluation command on this process's rank: joins the process group a multi-rank launcher set up
+    (none otherwise), puts the rank on its GPU, runs ``body(rank, world)`` and turns a FileNotFoundError or
+    ValueError into one line on stderr and exit status 1."""
+    created = not torch.distributed.is_initialized()
+    device = distributed.init(deepspeed=False)  # a process group only under a multi-rank launcher
+    if args.device is None and device.type == "cuda":
+        args.device = str(device)
+    if args.device and args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    try:
+        return body(distributed.rank(), distributed.world_size())
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if created:
+            distributed.close()
 
 
 def check_device(spec: str | None, flag: str) -> None:

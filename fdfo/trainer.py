@@ -26,7 +26,7 @@ from fdfo.checkpoint import CheckpointManager
 from fdfo.config import ConfigError, RunConfig
 from fdfo.engine import Engine
 from fdfo.gpu_stats import GpuStats
-from fdfo.models import load_flow_model
+from fdfo.models import family_for, load_flow_model
 from fdfo.prompts import load_prompts
 from fdfo.report import RunReport
 from fdfo.rewards import build_reward, build_weighted_reward
@@ -81,7 +81,7 @@ class Trainer:
         self.layout = algorithm.layout_for(cfg, self.world_size)
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
-        init_adapter = self._starting_adapter(cfg)
+        init_adapter = self._settle_model_settings(cfg)
         start = run_dir.prepare(cfg, resume, overwrite)
         self.out_dir = start.out_dir
         self.progress = cfg.log.progress and self.rank == 0
@@ -127,24 +127,31 @@ class Trainer:
                                f"{cfg.train.learning_rate:g})")
 
     @staticmethod
-    def _starting_adapter(cfg: RunConfig) -> Path | None:
-        """The local directory of ``lora.init_adapter`` (fetched from the hub if it names a repository
-        subfolder), its rank, alpha and targets written into the run config (so the saved config and
-        the resume checks hold what is trained); None without one."""
-        if not cfg.lora.init_adapter:
-            return None
-        path = adapters.locate(cfg.lora.init_adapter)
-        if not adapters.is_peft_adapter(path):
-            raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' is not a peft adapter directory "
-                              f"({adapters.CONFIG_FILE} and {adapters.WEIGHTS_FILE}); give one, e.g. a checkpoint's "
-                              "adapter/ folder or a published adapter's folder")
-        peft_cfg = adapters.read_config(path)
-        theirs = {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
-                  "target_modules": sorted(peft_cfg.target_modules)}
-        for key, value in theirs.items():
-            if getattr(cfg.lora, key) not in (None, value):
-                distributed.print0(f"lora.{key}: {getattr(cfg.lora, key)!r} -> {value!r}, the starting adapter's")
-            setattr(cfg.lora, key, value)
+    def _settle_model_settings(cfg: RunConfig) -> Path | None:
+        """Before anything is written: the model family's checks (its own ``model.*`` keys, the attention
+        backend; only model_index.json is read), and the adapted modules made explicit in the config (the
+        starting adapter's, else the family's default) so that the saved config and the resume checks hold
+        what is trained. Returns the local directory of ``lora.init_adapter`` (fetched from the hub if it
+        names a repository subfolder), or None."""
+        family = family_for(cfg.model)
+        family.check_options(cfg.model)
+        path = None
+        if cfg.lora.init_adapter:
+            path = adapters.locate(cfg.lora.init_adapter)
+            if not adapters.is_peft_adapter(path):
+                raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' is not a peft adapter directory "
+                                  f"({adapters.CONFIG_FILE} and {adapters.WEIGHTS_FILE}); give one, e.g. a "
+                                  "checkpoint's adapter/ folder or a published adapter's folder")
+            peft_cfg = adapters.read_config(path)
+            targets = peft_cfg.target_modules  # a list (peft may hold a set), or a regular expression
+            theirs = {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
+                      "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets}
+            for key, value in theirs.items():
+                if getattr(cfg.lora, key) not in (None, value):
+                    distributed.print0(f"lora.{key}: {getattr(cfg.lora, key)!r} -> {value!r}, the starting adapter's")
+                setattr(cfg.lora, key, value)
+        if cfg.lora.target_modules is None:
+            cfg.lora.target_modules = list(family.LORA_TARGETS)
         return path
 
     # ------------------------------------------------------------------ the epoch
@@ -170,6 +177,7 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.offload_text_encoders:
             self.model.move_text_encoders("cpu")
         micro_loss = self.algorithm.elements(batch, R, r_std, self.my_elements(epoch))
+        batch.data.clear()  # the elements hold what they fetched: the rank's own trajectories go before training
         record.update(self.optimize(epoch, micro_loss), trajectory_mib=self.algorithm.held_bytes / 2**20,
                       trajectory_device_mib=self.algorithm.device_held_bytes / 2**20)
         t_done = time.time()

@@ -6,8 +6,8 @@
 ``host``
     Each sampled micro-batch's trajectories are copied to (pinned) host memory as soon as it is
     sampled, so the device holds one micro-batch of them at a time; the exchange lands this
-    rank's elements in host memory too, moving at most ``CHUNK_BYTES`` per collective round
-    (NCCL's collectives need device tensors, so each round is staged through the device); and
+    rank's elements in host memory too, staging at most ``CHUNK_BYTES`` per collective round
+    (NCCL's collectives need device tensors, so each round goes through the device); and
     while micro-batch ``m`` trains, micro-batch ``m + 1`` is copied to the device on a side CUDA
     stream, so the copy overlaps the forward and backward.
 
@@ -64,11 +64,21 @@ class TrajectoryStore:
 
     def fetch(self, rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``rows`` (global, rank-major) of each per-row tensor, exchanged between the ranks
-        (``distributed.fetch_rows``) into the store's memory."""
+        (``distributed.fetch_rows``) into the store's memory. In host memory the exchange moves rounds of
+        at most ``CHUNK_BYTES`` on the collectives' device: a round stages what this rank sends (up to
+        the world size times a round's rows, when every rank asks it for all of theirs), receives and
+        reorders, so a round is ``CHUNK_BYTES / (world + 2)`` of rows; what it staged is counted in
+        ``device_bytes``."""
         if not self.host:
             return [distributed.fetch_rows(t, rows) for t in tensors]
-        return [distributed.fetch_rows(t, rows, into=torch.device("cpu"), pin=self.pin,
-                                       chunk_rows=max(1, CHUNK_BYTES // max(nbytes(t[:1]), 1))) for t in tensors]
+        out, staged = [], []
+        for t in tensors:
+            per_round = CHUNK_BYTES // max(nbytes(t[:1]) * (distributed.world_size() + 2), 1)
+            out.append(distributed.fetch_rows(t, rows, into=torch.device("cpu"), pin=self.pin,
+                                              chunk_rows=max(1, per_round), staged=staged))
+        if distributed.active():
+            self.device_bytes = max([self.device_bytes, *staged])
+        return out
 
     def server(self, *tensors: torch.Tensor) -> Callable[[torch.Tensor], list[torch.Tensor]]:
         """``serve(p)``: each tensor's rows ``p`` (a micro-batch's positions) on the training device.

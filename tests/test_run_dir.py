@@ -144,3 +144,19 @@ def test_an_unusable_out_dir_is_refused(tmp_path, monkeypatch):
             plan(config(locked / "run"))
     finally:
         locked.chmod(0o755)
+
+
+def test_the_default_lora_targets_are_written_out_so_earlier_runs_resume(tiny_pipeline_dir):
+    """lora.target_modules null is the family's default, made explicit before the run directory is touched:
+    a run saved with the explicit list (as every run was before null was the default) resumes unchanged."""
+    from fdfo.config import build_config
+    from fdfo.models import SD3FlowModel
+    from fdfo.trainer import Trainer
+
+    cfg = build_config({"model": {"path": str(tiny_pipeline_dir)}})
+    assert cfg.lora.target_modules is None
+    Trainer._settle_model_settings(cfg)
+    assert cfg.lora.target_modules == list(SD3FlowModel.LORA_TARGETS)
+    earlier = build_config({"model": {"path": str(tiny_pipeline_dir)},
+                            "lora": {"target_modules": list(SD3FlowModel.LORA_TARGETS)}}).to_dict()
+    assert compare_configs(earlier, cfg.to_dict()) == ([], [])

@@ -209,7 +209,8 @@ class Algorithm(ABC):
         """The micro-batch loss of this rank's training elements: ``order`` holds their ids in the
         epoch's global list (rank-major over the ranks' rows: the element ids of rank r's rows come
         before rank r + 1's), in training order, and ``micro_loss(p)`` is the loss of ``order[p]``.
-        Collective: every rank calls it, and fetches the rows its elements need (``self.store.fetch``)."""
+        Collective: every rank calls it, and fetches the rows its elements need (``self.store.fetch``);
+        afterwards the trainer drops ``batch.data``, so ``micro_loss`` must hold what it uses."""
 
     def throughput(self, rows: int, seconds: float) -> dict[str, float]:
         """Extra throughput figures of an epoch of ``rows`` images (over all ranks)."""

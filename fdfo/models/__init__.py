@@ -47,6 +47,15 @@ def family_of(path: str, revision: str | None = None) -> type[FlowModel]:
                       f"{name or 'missing'}: not a supported model family; supported: {supported}")
 
 
+def family_for(model_cfg) -> type[FlowModel]:
+    """The family of ``model.path`` without building or loading anything: a built-in task's declared
+    family, else the one its model_index.json names."""
+    if tasks.is_builtin(model_cfg.path):
+        name = tasks.get(model_cfg.path).family
+        return next(f for f in FAMILIES if f.family == name)
+    return family_of(model_cfg.path, model_cfg.revision)
+
+
 def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = None,
                     progress: bool = True) -> FlowModel:
     """The model of a ``ModelConfig`` (path, revision, dtype, text length, resolution, cache_dir, attention
@@ -63,5 +72,5 @@ def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = No
     return model
 
 
-__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_of", "family_options",
+__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_for", "family_of", "family_options",
            "load_flow_model", "resolve_dtype"]

@@ -160,6 +160,10 @@ class FlowModel(ABC):
 
         return getattr(diffusers, cls.TRANSFORMER)
 
+    def image_channels(self) -> int:
+        """Channels of the decoded images (the VAE's outputs, or the state's own without a VAE)."""
+        return self.vae.config.out_channels if self.vae is not None else self.latent_shape[0]
+
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the decoded images."""
         scale = self.pipe.vae_scale_factor if self.vae is not None else 1

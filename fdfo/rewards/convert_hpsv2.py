@@ -1,7 +1,7 @@
 """Convert the released HPSv2 weights (an open_clip checkpoint) to a transformers ``CLIPModel`` directory.
 
-    python -m fdfo.rewards.convert_hpsv2 HPS_v2.1_compressed.pt /models/hpsv2-hf [--arch ViT-H-14]
-    python -m fdfo.evaluate ... --metrics hpsv2 --path hpsv2=/models/hpsv2-hf
+    python -m fdfo.rewards.convert_hpsv2 HPS_v2.1_compressed.pt weights/hpsv2-hf [--arch ViT-H-14]
+    python -m fdfo.evaluate ... --metrics hpsv2 --path hpsv2=weights/hpsv2-hf
 
 HPSv2 (``HPS_v2_compressed.pt``, ``HPS_v2.1_compressed.pt``) is open_clip's ``CLIP`` model
 fine-tuned from ViT-H-14; the file is ``{"state_dict": ...}`` (keys possibly prefixed with

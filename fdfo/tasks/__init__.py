@@ -38,6 +38,8 @@ class Task:
     reward_factories: dict[str, Callable]
     # the run config of the task's default job (a partial config over the dataclass defaults)
     preset: dict
+    # the model family of its base model (fdfo.models: FlowModel.family), known before the model is built
+    family: str = "sd3"
 
 
 def names() -> list[str]:

@@ -114,4 +114,5 @@ TASK = Task(
     reward_factories={"digit_probability": _reward("DigitProbabilityReward"),
                       "digit_judge_accuracy": _reward("DigitJudgeAccuracy")},
     preset=PRESET,
+    family="sd3",
 )
