@@ -63,6 +63,17 @@ def write_file(path: str | os.PathLike, write: Callable[[str], object]) -> None:
         raise
 
 
+def finite_or_null(obj):
+    """NaN/inf -> null (None), through dicts and lists, so that a results file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

@@ -220,17 +220,6 @@ img{{width:192px;image-rendering:pixelated}} pre{{margin:0;font-size:11px}} tabl
     (out / "report.html").write_text(page, encoding="utf-8")
 
 
-def _finite_or_null(obj):
-    """NaN/inf -> null, so that results.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -350,7 +339,8 @@ def _run(args, rank: int, world: int) -> int:
         variants["checkpoint"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
     if rank == 0:
         results = results_json(prompts, seeds, settings, ckpt, notes, variants, world, time.time() - t0)
-        atomic.write_text(out / "results.json", json.dumps(_finite_or_null(results), indent=1, allow_nan=False))
+        atomic.write_text(out / "results.json",
+                          json.dumps(atomic.finite_or_null(results), indent=1, allow_nan=False))
         write_report(out, prompts, seeds, variants, results)
         for name, entry in results["metrics"].items():
             print(f"[fdfo] {name}: " + "  ".join(f"{k}={v:.4g}" for k, v in entry.items()))

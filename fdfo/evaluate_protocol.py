@@ -620,17 +620,6 @@ def write_grid(plan: Plan, store: ImageStore, path: Path, prompts_per_set: int) 
         atomic.write_file(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _json_safe(obj):
-    """NaN/inf -> null, so that protocol.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -661,7 +650,8 @@ def run(args, proto: protocols.Protocol, rank: int, world: int) -> int:
         raise ValueError(error)
     if rank == 0:
         results = results_json(plan, values, notes, world, time.time() - t0)
-        atomic.write_text(plan.out / "protocol.json", json.dumps(_json_safe(results), indent=1, allow_nan=False))
+        atomic.write_text(plan.out / "protocol.json",
+                          json.dumps(atomic.finite_or_null(results), indent=1, allow_nan=False))
         table = markdown_table(results)
         atomic.write_text(plan.out / "protocol.md", table)
         if args.grid_prompts:

@@ -299,7 +299,8 @@ def test_ranges_that_depend_on_another_key():
     with pytest.raises(ConfigError, match=r"'eval\.num_images' must be >= 1 while eval\.every is 3, got 0"):
         build_config(DIGITS, parse_overrides(["--eval.every", "3", "--eval.num_images", "0"]))
     assert build_config(DIGITS, parse_overrides(["--eval.every", "0", "--eval.num_images", "0"])).eval.num_images == 0
-    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be null \(the model family's default\) or a non-empty list.*lora\.enabled is true"):
+    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be null \(the model family's default\) "
+                                          r"or a non-empty list.*lora\.enabled is true"):
         build_config(DIGITS, parse_overrides(["--lora.target_modules", "[]"]))
     build_config(DIGITS, parse_overrides(["--lora.enabled", "false", "--lora.target_modules", "[]"]))
 

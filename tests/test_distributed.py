@@ -30,7 +30,8 @@ GATHERING_TRAINER = ("import sys; from fdfo import distributed as d; "
                      "from fdfo.train import main; sys.exit(main())")
 
 
-def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False, extra_env: dict | None = None) -> str:
+def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False,
+           extra_env: dict | None = None) -> str:
     """``fdfo/train.py`` on ``ranks`` local ranks, started the way DeepSpeed's launcher starts them (the
     same environment, LOCAL_SIZE included, so DeepSpeed takes its shared-memory path) but without the
     launcher process itself; tests/test_train.py runs the real launcher. ``gather``: the reference

@@ -72,5 +72,5 @@ def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = No
     return model
 
 
-__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_for", "family_of", "family_options",
-           "load_flow_model", "resolve_dtype"]
+__all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_for", "family_of",
+           "family_options", "load_flow_model", "resolve_dtype"]
