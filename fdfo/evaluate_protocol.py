@@ -213,12 +213,12 @@ def resolve_models(args, proto: protocols.Protocol) -> tuple[list[Model], dict]:
                                  f"base models ('{base}', '{trained_on}'); give --model to "
                                  "evaluate both against one, or evaluate them into separate --out directories")
             base = settings["model"]
-        resolved.append((ckpt, settings))
+        resolved.append((ckpt, settings, adapter))
     if not resolved:
         _, settings = resolve(None, base or proto.model)
     else:
         settings = resolved[0][1]
-        for ckpt, other in resolved[1:]:
+        for ckpt, other, _ in resolved[1:]:
             for key in SAMPLER_KEYS:
                 if other.get(key) != settings.get(key):
                     fix = (f"give {OVERRIDE_FLAGS[key]} to sample all with one value, or evaluate them into "
@@ -228,16 +228,18 @@ def resolve_models(args, proto: protocols.Protocol) -> tuple[list[Model], dict]:
                                      f"{key} ({settings.get(key)!r} and {other.get(key)!r}); {fix}")
     names = ["base"]
     models = [Model("base", None)]
-    for ckpt, _ in resolved:
-        name = unique(slug(ckpt.path), names)
+    for ckpt, _, spec in resolved:
+        name = unique(slug(ckpt.path if Path(spec).expanduser().exists() else spec), names)
         names.append(name)
         models.append(Model(name, ckpt))
     return models, settings
 
 
-def slug(path: Path) -> str:
-    """A short folder name for a checkpoint: its run and epoch (runs/x/checkpoints/epoch_0100 -> x-epoch_0100)."""
-    parts = [p for p in Path(path).resolve().parts if p not in ("/", "adapter", "transformer", "checkpoints")]
+def slug(path: Path | str) -> str:
+    """A short folder name for a checkpoint: its run and epoch (runs/x/checkpoints/epoch_0100 -> x-epoch_0100);
+    for a hub adapter (``owner/name/subfolder``, given as a string) its repository name and subfolder."""
+    path = Path(path) if isinstance(path, str) else path.resolve()
+    parts = [p for p in path.parts if p not in ("/", "adapter", "transformer", "checkpoints")]
     name = "-".join(parts[-2:]) or "checkpoint"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "checkpoint"
 

@@ -250,7 +250,8 @@ def sampling_defaults(model_path: str | None, run_config: dict | None) -> dict:
                    negative_prompt=s.get("negative_prompt", ""), shift=s.get("shift"),
                    max_sequence_length=m["max_sequence_length"], resolution=m["resolution"],
                    revision=m.get("revision"), cache_dir=m.get("cache_dir"),
-                   model_options={k: m[k] for k in family_options() if m.get(k) is not None})
+                   model_options={k: m[k] for k, default in family_options().items()
+                                  if m.get(k) is not None and m[k] != default})  # (the default: as if unset)
     return out
 
 

@@ -324,3 +324,17 @@ def test_published_protocol_table_at_tiny_size(sd3_runs, tiny_pipeline_dir, tmp_
         assert res_alone["metrics"][metric]["values"] == {k: v for k, v in entry["values"].items()
                                                           if k != "a-epoch_0100"}, metric
     assert list(images(alone)) == [k for k in images(out) if "/a-epoch_0100/" not in k]
+
+
+def test_hub_adapters_are_named_by_repository_and_subfolder_and_default_options_match_unset_ones():
+    from fdfo.evaluate_protocol import slug
+    from fdfo.generate import sampling_defaults
+
+    assert slug("nvidia/finite-difference-flow-optimization/pickscore_nocfg") == \
+        "finite-difference-flow-optimization-pickscore_nocfg"
+    assert slug(Path("runs/x/checkpoints/epoch_0100/adapter")) == "x-epoch_0100"
+    run = {"model": {"path": "m", "max_sequence_length": 16, "resolution": 32, "flux_guidance": 3.5},
+           "sampling": {"steps": 4, "guidance_scale": 1.0}}
+    assert sampling_defaults(None, run)["model_options"] == {}  # FLUX's default: the same as a bare adapter's
+    run["model"]["flux_guidance"] = 2.0
+    assert sampling_defaults(None, run)["model_options"] == {"flux_guidance": 2.0}

@@ -23,9 +23,9 @@ from fdfo.models.sd3 import SD3FlowModel
 FAMILIES: tuple[type[FlowModel], ...] = (SD3FlowModel, FluxFlowModel)
 
 
-def family_options() -> set[str]:
-    """The ``model.*`` keys that belong to one family (``FlowModel.OPTIONS``), e.g. ``flux_guidance``."""
-    return {key for family in FAMILIES for key in family.OPTIONS}
+def family_options() -> dict[str, object]:
+    """The ``model.*`` keys that belong to one family (``FlowModel.OPTIONS``), with their defaults."""
+    return {key: default for family in FAMILIES for key, default in family.OPTIONS.items()}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
