@@ -8,8 +8,9 @@ under its own name is whole; ``has`` also checks the PNG's first and last bytes,
 short by other means (a copy, a full disk) is made again instead of trusted. A killed writer leaves
 only its temporary file (``.pPPPPP_rR.png.*.tmp``), which ``remove_partial`` deletes.
 
-Scores are computed from these files, 8-bit as every reward model reads its images, so a run that
-made all its images at once and one that was resumed score the same pixels.
+Scores are computed from these files, 8-bit as every reward model reads its images, so a resumed run
+scores exactly the images on disk (on a CPU, where the sampler is deterministic, the same pixels as an
+uninterrupted run; on a GPU in bf16, an image sampled in another batch can differ in its last bits).
 """
 
 from __future__ import annotations
