@@ -328,7 +328,7 @@ def generate_missing(plan: Plan, args, store: ImageStore, rank: int, world: int)
     for m, total in zip(plan.models, totals):
         if total == 0:
             continue
-        if model is None or not pristine:  # a checkpoint is applied to a freshly loaded base
+        if model is None or not pristine:  # a checkpoint is applied to the base (reloaded after a full one)
             model = None
             release()
             with distributed.rank0_first():  # a built-in base is built once, by rank 0
@@ -351,6 +351,9 @@ def generate_missing(plan: Plan, args, store: ImageStore, rank: int, world: int)
                                          batch_size=args.batch_size)
             for (s, i, r), image in zip(chunk, images):
                 store.write(s.spec.name, m.name, i, r, image)
+        if m.ckpt is not None and m.ckpt.kind == "lora":  # the base again without reloading it (T5-XXL and all)
+            model.remove_adapters()
+            pristine = True
         if budget is not None:
             budget -= len(items)
             later = sum(len(todo[o.name]) for o in plan.models[plan.models.index(m):]) - len(items)

@@ -152,3 +152,28 @@ def test_adapter_mistakes_are_one_line_errors(tmp_path, tiny_pipeline_dir, capsy
 
     with pytest.raises(ConfigError, match="lora.init_adapter' needs lora.enabled true"):
         build_config({"lora": {"enabled": False, "init_adapter": str(tmp_path / "wide")}})
+
+
+def test_removing_the_adapters_gives_back_the_base_exactly(tmp_path, tiny_pipeline_dir):
+    """What the protocol command relies on to evaluate checkpoint after checkpoint on one loaded base."""
+    seed = random.randrange(10**6)
+    _published_adapter(tiny_pipeline_dir, tmp_path / "published", seed)
+    ours = _model(tiny_pipeline_dir)
+    ours.add_lora(LoraConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in ours.transformer.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    ours.save_lora(tmp_path / "ours")
+    model = _model(tiny_pipeline_dir)
+    base = _images(model, seed)
+    for path in (tmp_path / "published", tmp_path / "ours", tmp_path / "published"):
+        ckpt = resolve_checkpoint(path)
+        apply_checkpoint(model, ckpt)
+        with_adapter = _images(model, seed)
+        assert not torch.equal(with_adapter, base)
+        model.remove_adapters()
+        assert torch.equal(_images(model, seed), base)
+        fresh = _model(tiny_pipeline_dir)
+        apply_checkpoint(fresh, ckpt)
+        assert torch.equal(_images(fresh, seed), with_adapter)  # the same as on a freshly loaded base

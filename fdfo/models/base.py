@@ -275,6 +275,13 @@ class FlowModel(ABC):
         targets; ``trainable``: to train on from it (its weights in fp32)."""
         adapters.load_into(self.transformer, adapters.read(Path(directory)), trainable=trainable)
 
+    def remove_adapters(self) -> None:
+        """Drop every LoRA adapter (ours, diffusers' or peft's): the transformer is the base model again
+        (LoRA never changes the base weights), ready for another adapter."""
+        names = list(getattr(self.transformer, "peft_config", None) or {})
+        if names:
+            self.transformer.delete_adapters(names)
+
     def save_lora(self, directory: str | Path) -> None:
         """Writes the adapter twice into ``directory``: ``pytorch_lora_weights.safetensors``, which the
         family's own pipeline loads with ``load_lora_weights(dir)`` (StableDiffusion3Pipeline, FluxPipeline),
