@@ -53,8 +53,9 @@ from pathlib import Path
 import torch
 
 from fdfo import atomic, distributed
-from fdfo.generate import (Checkpoint, apply_checkpoint, check_args, check_device, check_model, generate_images,
-                           image_grid, load_model, prepare_out_dir, read_prompts, resolve, run_ranked, to_pil)
+from fdfo.generate import (CHECKPOINT_FORMS, Checkpoint, add_sampling_arguments, apply_checkpoint, check_args,
+                           check_device, check_model, generate_images, image_grid, load_model, prepare_out_dir,
+                           read_prompts, resolve, run_ranked, to_pil)
 from fdfo.rewards import (DIVERSITY_METRICS, RewardUnavailable, build_diversity, build_reward, mean_pairwise_distance,
                           report_nonfinite)
 
@@ -223,34 +224,50 @@ img{{width:192px;image-rendering:pixelated}} pre{{margin:0;font-size:11px}} tabl
 # --------------------------------------------------------------------------- command line
 
 
+def add_metric_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the metric models' weights are, and how they run (evaluate and the evaluation protocol)."""
+    p.add_argument("--path", nargs="+", default=[], metavar="NAME=DIR", help="weights of a metric")
+    p.add_argument("--reward-batch-size", type=int, default=8)
+    p.add_argument("--reward-device", help="run the metric models on another device, e.g. cuda:1")
+
+
+def metric_paths(specs: list[str], metrics: list[str], run_config: dict | None) -> dict[str, str]:
+    """Weights of each metric: ``--path NAME=DIR``, else the run config's reward.paths (else the metric's
+    default). A malformed spec, a metric not evaluated, or a local directory that does not exist: one line."""
+    paths = {k: v for k, v in ((run_config or {}).get("reward", {}).get("paths", {}) or {}).items() if k in metrics}
+    for spec in specs:
+        name, eq, value = spec.partition("=")
+        if not eq or not name or not value:
+            raise ValueError(f"--path '{spec}' must look like NAME=DIR")
+        if name not in metrics:
+            raise ValueError(f"--path '{spec}' names metric '{name}', which is not evaluated here "
+                             f"({', '.join(metrics)}); check its spelling or add it to --metrics")
+        local = Path(value).expanduser()
+        if value != "builtin" and not local.exists() and (value.startswith((".", "/", "~")) or value.count("/") != 1):
+            raise FileNotFoundError(f"--path '{spec}': '{value}' does not exist; give the directory of the "
+                                    f"metric's weights (or a hub id owner/name)")
+        paths[name] = value
+    return paths
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fdfo.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", help="diffusers pipeline directory (SD3/SD3.5 or FLUX.1), hub id or builtin:digits "
                                    "(default: the checkpoint's run config)")
-    p.add_argument("--adapter", help="checkpoint: run dir, checkpoints/epoch_XXXX or its adapter/ folder "
-                                     "(none: evaluate the base model only)")
+    p.add_argument("--adapter", help=f"checkpoint: {CHECKPOINT_FORMS} (none: evaluate the base model only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file with one prompt per line (or builtin:digits)")
     src.add_argument("--prompt", nargs="+", help="one or more prompts")
     p.add_argument("--metrics", nargs="+", help="reward names and/or diversity metrics (" + ", ".join(DIVERSITY_METRICS)
                    + "; default: the run config's rewards and eval metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
-    p.add_argument("--path", nargs="+", default=[], metavar="NAME=DIR", help="weights of a metric")
     p.add_argument("--repeats", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-base", action="store_true", help="only the checkpoint")
-    p.add_argument("--guidance", type=float, help="CFG scale (1.0 = none)")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--max-sequence-length", type=int)
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
-    p.add_argument("--reward-batch-size", type=int, default=8)
-    p.add_argument("--reward-device", help="run the reward models on another device, e.g. cuda:1")
+    add_sampling_arguments(p)
+    add_metric_arguments(p)
     p.add_argument("--report-prompts", type=int, default=8)
     p.add_argument("--report-repeats", type=int, default=4)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device")
     p.add_argument("--out", default="eval", help="output directory")
     return p.parse_args(argv)
 
@@ -289,15 +306,7 @@ def _prepare(args, rank: int) -> tuple:
     _check_metric_names(names)
     if args.metrics and set(args.metrics) & set(DIVERSITY_METRICS) and args.repeats < 2:
         raise ValueError("the diversity metrics compare the repeats of a prompt: give --repeats 2 or more")
-    paths = dict(run["reward"]["paths"]) if run else {}
-    for spec in args.path:
-        name, eq, value = spec.partition("=")
-        if not eq or not name or not value:
-            raise ValueError(f"--path '{spec}' must look like NAME=DIR")
-        if name not in names:
-            raise ValueError(f"--path '{spec}' names metric '{name}', which is not evaluated here "
-                             f"({', '.join(names)}); check its spelling or add it to --metrics")
-        paths[name] = value
+    paths = metric_paths(args.path, names, run)
     out = prepare_out_dir(args.out) if rank == 0 else Path(args.out)
     return prompts, ckpt, settings, names, paths, out
 

@@ -40,6 +40,7 @@ import torch
 from fdfo import atomic, distributed
 from fdfo import generate as gen
 from fdfo import protocol as protocols
+from fdfo.evaluate import add_metric_arguments, metric_paths
 from fdfo.image_store import ImageStore
 from fdfo.rewards import DIVERSITY_METRICS, RewardUnavailable, build_diversity, build_reward, report_nonfinite
 
@@ -92,8 +93,8 @@ def parse_args(argv: list[str]):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--protocol", required=True, metavar="NAME", help=f"one of: {', '.join(protocols.PROTOCOLS)}")
     p.add_argument("--adapter", action="append", default=[], metavar="CKPT",
-                   help="a checkpoint to evaluate (run dir, checkpoints/epoch_XXXX or its adapter/ folder); "
-                        "repeat for several. The base model is evaluated once, beside them")
+                   help=f"a checkpoint to evaluate ({gen.CHECKPOINT_FORMS}); repeat for several. The base model "
+                        "is evaluated once, beside them")
     p.add_argument("--model", help="base model (default: the checkpoints' run config"
                                    + (f", else {proto.model}" if proto.model else "") + ")")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; rerun the same command to resume")
@@ -103,20 +104,11 @@ def parse_args(argv: list[str]):
                             + ", ".join(s.metrics))
     p.add_argument("--metrics", nargs="+", metavar="NAME", help="evaluate only these of the protocol's metrics "
                                                 f"({', '.join(proto.metrics)})")
-    p.add_argument("--path", nargs="+", default=[], metavar="NAME=DIR", help="weights of a metric")
     p.add_argument("--max-prompts", type=int, metavar="N", help="at most N prompts of each set (a smoke run)")
     p.add_argument("--repeats", type=int, metavar="N", help=f"images per prompt (default: {proto.repeats})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, help="CFG scale (1.0 = none)")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--max-sequence-length", type=int)
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
-    p.add_argument("--reward-batch-size", type=int, default=8)
-    p.add_argument("--reward-device", help="run the metric models on another device, e.g. cuda:1")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device")
+    gen.add_sampling_arguments(p)
+    add_metric_arguments(p)
     p.add_argument("--grid-prompts", type=int, default=3, help="prompts of each set in grid.png (0: no grid)")
     p.add_argument("--max-new-images", type=int, metavar="N", help="stop each rank after N new images")
     return p.parse_args(argv), proto
@@ -249,24 +241,6 @@ def unique(name: str, taken: list[str]) -> str:
     while candidate in taken:
         candidate, k = f"{name}-{k}", k + 1
     return candidate
-
-
-def metric_paths(specs: list[str], metrics: list[str], run_config: dict | None) -> dict[str, str]:
-    """Weights of each metric: --path NAME=DIR, else the run config's reward.paths (else the metric's default)."""
-    paths = {k: v for k, v in ((run_config or {}).get("reward", {}).get("paths", {}) or {}).items() if k in metrics}
-    for spec in specs:
-        name, eq, value = spec.partition("=")
-        if not eq or not name or not value:
-            raise ValueError(f"--path '{spec}' must look like NAME=DIR")
-        if name not in metrics:
-            raise ValueError(f"--path '{spec}' names metric '{name}', which is not evaluated here "
-                             f"({', '.join(metrics)}); check its spelling")
-        local = Path(value).expanduser()
-        if value != "builtin" and not local.exists() and (value.startswith((".", "/", "~")) or value.count("/") != 1):
-            raise FileNotFoundError(f"--path '{spec}': '{value}' does not exist; give the directory of the "
-                                    f"metric's weights (or a hub id owner/name)")
-        paths[name] = value
-    return paths
 
 
 def settings_record(plan: Plan, args) -> dict:

@@ -340,21 +340,32 @@ def parse_args(argv: list[str] | None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", help="diffusers pipeline directory (SD3/SD3.5 or FLUX.1), hub id or builtin:digits "
                                    "(default: the checkpoint's run config)")
-    p.add_argument("--adapter", help="checkpoint: run dir, checkpoints/epoch_XXXX or its adapter/ folder")
+    p.add_argument("--adapter", help=f"checkpoint: {CHECKPOINT_FORMS}")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file with one prompt per line (or builtin:digits)")
     src.add_argument("--prompt", nargs="+", help="one or more prompts")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
+    add_sampling_arguments(p)
+    p.add_argument("--out", default="samples", help="output directory")
+    return p.parse_args(argv)
+
+
+# What --adapter takes (generate, evaluate and the evaluation protocol).
+CHECKPOINT_FORMS = ("a run dir, checkpoints/epoch_XXXX or its adapter/ folder, a peft adapter folder, or "
+                    "owner/name/subfolder on the hub")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler settings that override a checkpoint's run config, and the batch, dtype and device of
+    sampling: the same flags in every command that samples images."""
     p.add_argument("--guidance", type=float, help="CFG scale (1.0 = none)")
     p.add_argument("--negative-prompt", help="the unconditional prompt of CFG (default: empty)")
     p.add_argument("--steps", type=int, help="Euler steps")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the run's, else the model's)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--out", default="samples", help="output directory")
-    return p.parse_args(argv)
 
 
 def check_args(args) -> None:
