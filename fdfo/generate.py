@@ -450,19 +450,19 @@ def resolve(args) -> tuple[Checkpoint | None, dict]:
     if settings["model"] is None:
         raise FileNotFoundError("no --model given and the checkpoint carries no run config naming one")
     if not tasks.is_builtin(settings["model"]):
-        family_of(settings["model"], settings["revision"])  # a missing or unsupported model is a one-line error
+        family = family_of(settings["model"], settings["revision"])  # missing or unsupported: one line
         if ckpt is not None:
-            transformer = _meta_transformer(settings["model"], settings["revision"])
+            transformer = _meta_transformer(family, settings["model"], settings["revision"])
             if transformer is not None:
                 check_checkpoint(transformer, ckpt, settings["model"])
     return ckpt, settings
 
 
-def _meta_transformer(path: str, revision: str | None) -> nn.Module | None:
+def _meta_transformer(family: type[FlowModel], path: str, revision: str | None) -> nn.Module | None:
     """The base model's transformer built from its config on the meta device (shapes, no weights), when
     its config is at hand (a local directory or the hub cache); else None and the check waits for the load."""
     try:
-        cls = family_of(path, revision).transformer_class()
+        cls = family.transformer_class()
         local = Path(path).expanduser()
         if local.is_dir():
             config = cls.load_config(str(local / "transformer"))

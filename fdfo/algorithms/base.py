@@ -217,7 +217,6 @@ class Algorithm(ABC):
         return {}
 
 
-
 def fetch(rows: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Rows ``rows`` (global, rank-major) of small per-row tensors (pair differences, embeddings) on
     their device: only the rows this rank's elements reference travel (``distributed.fetch_rows``).

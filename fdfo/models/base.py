@@ -82,9 +82,16 @@ def model_index(path: str, revision: str | None) -> dict:
                                 "(huggingface-cli download) or give a local directory") from exc
 
 
-def present_components(index: dict, names: tuple[str, ...]) -> set[str]:
-    """The components of ``names`` that a model_index.json holds (``[library, class]``, not ``[null, null]``)."""
-    return {n for n in names if isinstance(index.get(n), list) and index[n][0] is not None}
+def components(path: str, revision: str | None, names: tuple[str, ...],
+               required: tuple[str, ...]) -> tuple[dict, set[str]]:
+    """model_index.json of ``path`` and which of ``names`` it holds (``[library, class]``, not
+    ``[null, null]``); a FileNotFoundError naming the first of ``required`` it lacks."""
+    index = model_index(path, revision)
+    present = {n for n in names if isinstance(index.get(n), list) and index[n][0] is not None}
+    for name in required:
+        if name not in present:
+            raise FileNotFoundError(f"model.path '{path}' has no '{name}' component")
+    return index, present
 
 
 class FlowModel(ABC):

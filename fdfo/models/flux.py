@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fdfo.config import ConfigError
-from fdfo.models.base import Conditioning, FlowModel, model_index, present_components
+from fdfo.models.base import Conditioning, FlowModel, components
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -53,11 +53,7 @@ class FluxFlowModel(FlowModel):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        index = model_index(path, revision)
-        present = present_components(index, COMPONENTS)
-        for required in COMPONENTS:
-            if required not in present:
-                raise FileNotFoundError(f"model.path '{path}' has no '{required}' component")
+        index, _ = components(path, revision, COMPONENTS, required=COMPONENTS)
         if index["transformer"][1] != FluxTransformer2DModel.__name__:
             raise ConfigError(f"model.path '{path}' holds a {index['transformer'][1]}, not a FLUX.1 "
                               f"{FluxTransformer2DModel.__name__}")

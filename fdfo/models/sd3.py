@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fdfo.config import ConfigError
-from fdfo.models.base import Conditioning, FlowModel, model_index, present_components
+from fdfo.models.base import Conditioning, FlowModel, components
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
               "tokenizer", "tokenizer_2", "tokenizer_3")
@@ -41,10 +41,8 @@ class SD3FlowModel(FlowModel):
                                StableDiffusion3Pipeline)
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        present = present_components(model_index(path, revision), COMPONENTS)
-        for required in ("transformer", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if required not in present:
-                raise FileNotFoundError(f"model.path '{path}' has no '{required}' component")
+        _, present = components(path, revision, COMPONENTS, required=(
+            "transformer", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
         kw = dict(revision=revision)
         load = lambda cls, sub, **extra: cls.from_pretrained(path, subfolder=sub, **kw, **extra)  # noqa: E731
         self.device, self.dtype = device, dtype
