@@ -24,6 +24,29 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def install_untrained_digits(root, digit_reward_dir, adapter_dir) -> None:
+    """The built-in digits base, untrained (no minutes of pretraining), and its reward models where the
+    digits task caches them under ``root``, and a LoRA adapter of that base with fixed non-zero weights
+    written to ``adapter_dir``."""
+    import shutil
+
+    from fdfo.config import LoraConfig
+    from fdfo.models import SD3FlowModel
+    from fdfo.tasks.digits import BASE_DIR_NAME, REWARD_DIR_NAME
+    from fdfo.tasks.digits.pretrain import digits_pipeline
+
+    digits_pipeline(seed=0).save_pretrained(root / BASE_DIR_NAME)
+    shutil.copytree(digit_reward_dir, root / REWARD_DIR_NAME)
+    model = SD3FlowModel(str(root / BASE_DIR_NAME), device=torch.device("cpu"), dtype=torch.float32,
+                         max_sequence_length=4)
+    model.add_lora(LoraConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    model.save_lora(adapter_dir)
+
+
 def free_port() -> str:
     """A local TCP port nothing listens on now (for a rendezvous a test starts)."""
     import socket

@@ -206,26 +206,12 @@ def test_evaluate_on_two_ranks_matches_one_process(single_process_results, run_d
 def test_builtin_digits_model_generate_and_evaluate(tmp_path, digit_reward_dir):
     """`--model builtin:digits` end to end: the cached built-in base (here an untrained one, put where
     the digits task caches it, so no minutes of pretraining) and the built-in digit metrics."""
-    import shutil
-
     from PIL import Image
 
     from fdfo import evaluate, generate, tasks
-    from fdfo.models import SD3FlowModel
-    from fdfo.tasks.digits import BASE_DIR_NAME, REWARD_DIR_NAME
-    from fdfo.tasks.digits.pretrain import digits_pipeline
+    from tests.conftest import install_untrained_digits
 
-    root = tasks.cache_root()
-    digits_pipeline(seed=0).save_pretrained(root / BASE_DIR_NAME)
-    shutil.copytree(digit_reward_dir, root / REWARD_DIR_NAME)
-    model = SD3FlowModel(str(root / BASE_DIR_NAME), device=torch.device("cpu"), dtype=torch.float32,
-                         max_sequence_length=4)
-    model.add_lora(LoraConfig(rank=4, alpha=8.0))
-    with torch.no_grad():
-        for name, p in model.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
-    model.save_lora(tmp_path / "adapter")
+    install_untrained_digits(tasks.cache_root(), digit_reward_dir, tmp_path / "adapter")
 
     assert generate.main(["--model", "builtin:digits", "--adapter", str(tmp_path / "adapter"), "--prompts",
                           "builtin:digits", "--seeds", "0", "1", "--out", str(tmp_path / "gen")]) == 0

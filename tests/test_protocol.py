@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,22 +25,12 @@ HELDOUT = ["the digit two, handwritten", "a handwritten seven", "a digit nine wr
 def digits_root(tmp_path_factory, digit_reward_dir):
     """A cache root with the built-in digits base (untrained: no minutes of pretraining) and its reward
     models where the task looks for them, a LoRA checkpoint of that base, a tiny CLIP and a prompt file."""
-    from fdfo.models import SD3FlowModel
     from fdfo.rewards.tiny import build_tiny_clip
-    from fdfo.tasks.digits import BASE_DIR_NAME, REWARD_DIR_NAME
-    from fdfo.tasks.digits.pretrain import digits_pipeline
+    from tests.conftest import install_untrained_digits
 
     root = tmp_path_factory.mktemp("digits_root")
-    digits_pipeline(seed=0).save_pretrained(root / BASE_DIR_NAME)
-    shutil.copytree(digit_reward_dir, root / REWARD_DIR_NAME)
-    model = SD3FlowModel(str(root / BASE_DIR_NAME), device=torch.device("cpu"), dtype=torch.float32,
-                         max_sequence_length=4)
-    model.add_lora(LoraConfig(rank=4, alpha=8.0))
-    with torch.no_grad():
-        for name, p in model.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
-    model.save_lora(root / "runs" / "digits" / "checkpoints" / "epoch_0005" / "adapter")
+    install_untrained_digits(root, digit_reward_dir,
+                             root / "runs" / "digits" / "checkpoints" / "epoch_0005" / "adapter")
     build_tiny_clip(root / "clip", seed=0)
     (root / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
     return root
