@@ -4,9 +4,9 @@ setup(
     name="fdfo",
     version="0.1.0",
     description="Finite Difference Flow Optimization: online RL post-training of flow-matching text-to-image models",
-    # fdfo and every package below it, and the Triton kernels, which live in kernels/ (ARCHITECTURE.md)
-    packages=find_packages(include=["fdfo", "fdfo.*"]) + ["fdfo.kernels"],
-    package_dir={"fdfo.kernels": "kernels"},
+    # fdfo and every package below it (the Triton kernels are fdfo.kernels, in fdfo/kernels/: no top-level
+    # package of the repository may be importable under a name a dependency uses, such as `kernels`)
+    packages=find_packages(include=["fdfo", "fdfo.*"]),
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: GPU users bring their own CUDA build of torch.

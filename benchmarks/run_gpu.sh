@@ -180,16 +180,6 @@ EOF
     record install ok 0 $((SECONDS - t0)) "" "installed $(echo "$missing" | wc -l) wheels into $SITE"
 }
 
-LINKED=""
-link_kernels() {  # fdfo.kernels lives in kernels/ (setup.py's package_dir): without an install, link it
-    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fdfo.kernels') is None)" > /dev/null 2>&1 \
-        && [ -d kernels ] && [ ! -e fdfo/kernels ]; then
-        ln -s ../kernels fdfo/kernels && LINKED=1
-        echo "fdfo is not installed: linked fdfo/kernels -> kernels for this run" >> "$OUT/install.log"
-    fi
-}
-trap '[ -n "$LINKED" ] && rm -f "$ROOT/fdfo/kernels"' EXIT
-
 # --------------------------------------------------------------------------- parts
 
 tiny() {  # tiny DRY_ARGS -- GPU_ARGS: the arguments for this run's size
@@ -267,7 +257,6 @@ echo "run_gpu: parts '$PARTS' into $OUT (budget ${BUDGET}s$([ "$DRY" = 1 ] && ec
 echo "{\"parts\": $(json_str "$PARTS"), \"dry_run\": $([ "$DRY" = 1 ] && echo true || echo false), \"budget_s\": $BUDGET, \"started\": $(json_str "$(date -u +%FT%TZ)")}" > "$OUT/run.json"
 : > "$OUT/status.jsonl"
 install_wheels
-link_kernels
 report
 for p in $PARTS; do
     part "$p"

@@ -94,3 +94,45 @@ def digit_reward_dir(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """No test may read or fill the user's ~/.cache/fdfo."""
     monkeypatch.setenv("FDFO_CACHE", str(tmp_path / "fdfo-cache"))
+
+
+STAND_IN_KERNELS = '''"""A stand-in for the `kernels` distribution: it records that an `import kernels` found it.
+
+When the real distribution is installed, the stand-in runs the real package's __init__ in its own
+namespace (and looks up submodules in the real folder too), so diffusers and transformers keep
+working with it.
+"""
+import os
+
+FDFO_STAND_IN = True
+if os.environ.get("FDFO_STAND_IN_MARKER"):
+    with open(os.environ["FDFO_STAND_IN_MARKER"], "a") as _f:
+        _f.write(__file__ + "\\n")
+_real = {real!r}
+if _real:
+    __path__.append(_real)
+    with open(os.path.join(_real, "__init__.py")) as _f:
+        exec(compile(_f.read(), os.path.join(_real, "__init__.py"), "exec"))
+'''
+
+
+@pytest.fixture
+def stand_in_kernels(tmp_path):
+    """A site folder holding a stand-in distribution named ``kernels``, the name the Hugging Face
+    kernels package takes (and that transformers and diffusers import). Returns the folder and
+    whether the real distribution is installed (only then do diffusers and transformers import it)."""
+    from importlib import metadata
+
+    site = tmp_path / "stand-in-site"
+    (site / "kernels").mkdir(parents=True)
+    try:
+        real = metadata.distribution("kernels")
+        real_dir, version = str(real.locate_file("kernels")), real.version
+    except metadata.PackageNotFoundError:
+        real_dir, version = "", None
+    (site / "kernels" / "__init__.py").write_text(STAND_IN_KERNELS.format(real=real_dir))
+    if version:
+        info = site / f"kernels-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+    return site, bool(real_dir)

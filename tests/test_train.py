@@ -167,20 +167,28 @@ def test_cli_reports_a_missing_model_path(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_deepspeed_launcher_runs_the_entry_point(tmp_path, tiny_pipeline_dir, digit_reward_dir):
-    """`deepspeed fdfo/train.py --config ...` end to end (one rank on this machine's accelerator or CPU)."""
+def test_deepspeed_launcher_runs_the_entry_point(tmp_path, tiny_pipeline_dir, digit_reward_dir, stand_in_kernels):
+    """`deepspeed fdfo/train.py --config ...` end to end (one rank on this machine's accelerator or CPU),
+    from the repository root with a stand-in `kernels` distribution on the path: the `import kernels`
+    of transformers and diffusers gets it, never a folder of the repository (tests/test_name_clash.py)."""
     import yaml
 
     cfg = tiny_run(tmp_path / "ds", tiny_pipeline_dir, digit_reward_dir, train={"epochs": 1},
                    eval={"every": 0, "metrics": []}, checkpoint={"every": 1})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
+    site, real_kernels_installed = stand_in_kernels
+    marker = tmp_path / "kernels-imported-from"
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(site), FDFO_STAND_IN_MARKER=str(marker))
     launcher = Path(sys.executable).with_name("deepspeed")
     proc = subprocess.run([str(launcher), "--num_gpus", "1", "--master_port", free_port(), "fdfo/train.py",
                            "--config", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ds" / "checkpoints" / "epoch_0001" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    if real_kernels_installed:  # transformers and diffusers import it only then
+        imported = set(marker.read_text().split())
+        assert imported == {str(site / "kernels" / "__init__.py")}
 
 
 def test_flow_grpo_in_the_same_trainer(tmp_path, tiny_pipeline_dir, digit_reward_dir):
