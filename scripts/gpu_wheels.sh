@@ -9,11 +9,12 @@
 # deepspeed, nor these dependencies of theirs: hjson, pydantic, pydantic-core, annotated-types,
 # typing-inspection, importlib-metadata (with zipp and lazy-importer, which it needs); nor
 # open_clip_torch, whose wheel carries the CLIP BPE vocabulary the offline tokenizer is
-# built from (the file is read, the package is never imported). Each is pinned to the
-# version installed in this machine's environment (.venv, or $PYTHON), so that the GPU
-# runs the code the CPU tests ran. DeepSpeed is published as source only: it is built here
-# into a pure wheel against the environment's torch (its CUDA ops compile on first use
-# there). Never torch or triton: the GPU machine's own builds are used.
+# built from (the file is read, the package is never imported). Each is pinned to its
+# version in locks/gpu.txt (the CPU lock without the torch stack, made by `make lock`), so
+# that the GPU runs the code the CPU tests ran. DeepSpeed is published as source only: it is
+# built here into a pure wheel against this machine's environment's torch (.venv, or
+# $PYTHON; its CUDA ops compile on first use there). Never torch or triton: the GPU
+# machine's own builds are used.
 #
 # Idempotent: wheels already in DIR are kept, other versions of these packages and any
 # other wheel are removed, so DIR holds exactly one wheel per package. Prints each wheel and
@@ -27,18 +28,21 @@ budget_mib="${GPU_WHEELS_BUDGET_MIB:-40}"
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 
-# Distribution names as pip spells them; their versions come from $py's environment.
+# Distribution names as pip spells them; their versions come from locks/gpu.txt.
 binary=(pydantic-core)  # compiled: the cp312 manylinux wheel
 pure=(diffusers hjson pydantic annotated-types typing-inspection importlib-metadata zipp lazy-importer
       open-clip-torch)
 built=(deepspeed)  # source only on the index: built here
 
-version_of() {
-    "$py" -c 'import sys; from importlib.metadata import version; print(version(sys.argv[1]))' "$1" 2>/dev/null \
-        || { echo "gpu_wheels: $1 is not installed in $py's environment (run scripts/bootstrap.sh)" >&2; exit 1; }
-}
+lock="$root/locks/gpu.txt"
 norm() {  # a distribution name as wheel file names spell it: lower case, runs of -_. as _
     echo "$1" | tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/_/g'
+}
+version_of() {  # the GPU lock's version of a distribution
+    local v
+    v="$(sed -nE "s/^$(norm "$1" | tr _ -)==(.+)/\1/p" "$lock")"
+    [ -n "$v" ] || { echo "gpu_wheels: locks/gpu.txt names no version of $1 (refresh it with 'make lock')" >&2; exit 1; }
+    echo "$v"
 }
 
 declare -A want  # normalised name -> version

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.smoke  # also run by `make smoke` in the newest releases
 ROOT = Path(__file__).resolve().parents[1]
 
 IMPORT_EACH_FIRST = """

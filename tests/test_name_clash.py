@@ -19,6 +19,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.smoke  # also run by `make smoke` in the newest releases
 ROOT = Path(__file__).resolve().parents[1]
 
 
