@@ -2,6 +2,7 @@
 
     init(), close()           the process group: DeepSpeed's launcher, torchrun, or a plain process
     rank(), world_size()      this process's place (0 and 1 without a process group)
+    launched_world_size()     the world the launcher started (WORLD_SIZE), known before init()
     active(), barrier()       whether there are other ranks; wait for them
     print0(msg)               one line from rank 0, safe beside tqdm bars
     sum_over_ranks(values)    float64 all-reduce of a list of numbers or of a tensor
@@ -56,12 +57,36 @@ def init(*, deepspeed: bool = True) -> torch.device:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed as ds
 
-        ds.init_distributed(dist_backend=backend, verbose=False)
-        if device.type != "cuda":
+        if device.type == "cuda":
+            ds.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            _init_on_cpu(ds, backend)
             atexit.register(_remove_shm_buffer, _shm_buffer_path())
     elif not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend)
     return device
+
+
+def _init_on_cpu(ds, backend: str) -> None:
+    """DeepSpeed's init on CPU loads its shared-memory all-reduce op, compiling it on a machine's first
+    run (about 30 s) and announcing it as "built successfully" on every run: say so once, when it is
+    compiled, and keep the rest of what DeepSpeed prints."""
+    import io
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        built = any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - only decides whether to announce the build
+        built = True
+    if not built and _launched_rank() == 0:
+        print("[fdfo] building DeepSpeed's CPU communication op (first run on this machine only, about 30 s)",
+              flush=True)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        ds.init_distributed(dist_backend=backend, verbose=False)
+    kept = [line for line in said.getvalue().splitlines() if not line.endswith("built successfully")]
+    if kept:
+        print("\n".join(kept), flush=True)
 
 
 def _shm_buffer_path() -> Path:
@@ -96,14 +121,25 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def launched_world_size() -> int:
+    """The number of ranks the launcher (deepspeed, torchrun) started, 1 for a plain process: what
+    init() will join, known before it, so that start-up checks can run before DeepSpeed starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
 
 
 def print0(msg: str) -> None:
-    """Print from rank 0 only, through tqdm so that progress bars stay intact."""
-    if rank() == 0:
+    """Print from rank 0 only (the launcher's rank 0 before the group forms), through tqdm so that
+    progress bars stay intact."""
+    if (rank() if dist.is_initialized() else _launched_rank()) == 0:
         from tqdm.auto import tqdm
 
         tqdm.write(f"[fdfo] {msg}")

@@ -98,9 +98,8 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
     return Start(out_dir, checkpoint, saved_config, changes)
 
 
-def prepare(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> Start:
-    """``plan`` on every rank, then rank 0 moves an overwritten run aside and creates the directory."""
-    start = plan(cfg, resume, overwrite)
+def prepare(start: Start) -> Start:
+    """After ``plan`` on every rank: rank 0 moves an overwritten run aside and creates the directory."""
     distributed.barrier()  # every rank has looked before rank 0 changes anything
     if distributed.rank() == 0:
         if start.move_aside is not None:

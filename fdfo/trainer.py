@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fdfo import adapters, algorithms, distributed, run_dir
+from fdfo import adapters, algorithms, distributed, run_dir, tasks
 from fdfo.algorithms.base import Policy, derive_seed
 from fdfo.checkpoint import CheckpointManager
 from fdfo.config import ConfigError, RunConfig
@@ -73,16 +73,20 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False):
         """``resume``: None, "auto" or a checkpoint / run directory; ``overwrite``: move an existing run
         in log.out_dir aside (``fdfo.run_dir``). Everything a user can get wrong is checked before
-        any model is loaded."""
+        any model is loaded, and before DeepSpeed starts (whose first start builds an op for a while)."""
         self.cfg = cfg
-        self.device = distributed.init()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         algorithm = algorithms.get(cfg.train.algorithm)
-        self.layout = algorithm.layout_for(cfg, self.world_size)
+        self.layout = algorithm.layout_for(cfg, distributed.launched_world_size())
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
         init_adapter = self._settle_model_settings(cfg)
-        start = run_dir.prepare(cfg, resume, overwrite)
+        tasks.check_build(cfg.model.path, cfg.model.cache_dir)
+        plan = run_dir.plan(cfg, resume, overwrite)
+        self.device = distributed.init()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if self.world_size != distributed.launched_world_size():  # a launcher that set no WORLD_SIZE
+            self.layout = algorithm.layout_for(cfg, self.world_size)
+        start = run_dir.prepare(plan)
         self.out_dir = start.out_dir
         self.progress = cfg.log.progress and self.rank == 0
         torch.manual_seed(cfg.train.seed)

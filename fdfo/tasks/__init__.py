@@ -40,6 +40,8 @@ class Task:
     preset: dict
     # the model family of its base model (fdfo.models: FlowModel.family), known before the model is built
     family: str = "sd3"
+    # (cache root) -> None, or FileNotFoundError naming what building its cached files would lack
+    check_build: Callable[[Path], None] = lambda root: None
 
 
 def names() -> list[str]:
@@ -72,6 +74,13 @@ def resolve_model_path(path: str, cache_dir: str | None = None, progress: bool =
     return get(path).model_path(cache_root(cache_dir), progress)
 
 
+def check_build(path: str, cache_dir: str | None = None) -> None:
+    """Before a run starts: a built-in model that is not cached yet can be built here (a clear
+    FileNotFoundError otherwise); any other path passes."""
+    if is_builtin(path):
+        get(path).check_build(cache_root(cache_dir))
+
+
 def prompts(spec: str) -> list[str]:
     """The prompts of a built-in task."""
     return list(get(spec).prompts())
@@ -90,5 +99,5 @@ def reward_factories() -> dict[str, Callable]:
     return out
 
 
-__all__ = ["PREFIX", "Task", "cache_root", "get", "is_builtin", "names", "preset", "prompts",
+__all__ = ["PREFIX", "Task", "cache_root", "check_build", "get", "is_builtin", "names", "preset", "prompts",
            "resolve_model_path", "reward_factories"]

