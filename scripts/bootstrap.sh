@@ -145,8 +145,9 @@ if [ "$resolve" = lock ]; then  # exactly the lock: anything else means the lock
     $system_site && check+=(--system-site)
     if ! drift="$("$vpy" scripts/lock.py check "$lock" "${check[@]}")"; then
         echo "$drift" >&2
-        die "$venv differs from locks/cpu.txt (above): setup.py changed since the lock was made; refresh it with 'make lock'"
+        die "$venv differs from locks/cpu.txt (above): setup.py asks for other versions than the lock holds; refresh it with 'make lock'"
     fi
+    [ -z "$drift" ] || say "$drift"
 fi
 if $installed_torch; then
     mb="$("$vpy" -c 'import pathlib, torch

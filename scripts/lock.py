@@ -85,18 +85,21 @@ def freeze(args) -> int:
 
 
 def check(args) -> int:
+    """Every distribution of the lock installed at its version (exit 1, listing the differences,
+    otherwise). Distributions the lock does not name are listed and kept: a user's own additions
+    (a tracker, a profiler), or with --system-site the base Python's packages."""
     want = read(Path(args.lock))
     have = installed()
     if args.torch_kept:
         want = {n: v for n, v in want.items() if not TORCH_STACK.match(n)}
-        have = {n: v for n, v in have.items() if not TORCH_STACK.match(n)}
-    if args.system_site:  # the base Python's own packages are seen too: only the lock's are compared
-        have = {n: v for n, v in have.items() if n in want}
-    diff = changes(want, have)
+    diff = changes(want, {n: v for n, v in have.items() if n in want})
     if diff:
         print("installed versions that differ from the lock (lock -> installed):")
         print("\n".join(diff))
         return 1
+    extra = sorted(n for n in have if n not in want and not (args.torch_kept and TORCH_STACK.match(n)))
+    if extra and not args.system_site:
+        print("installed besides the lock (kept): " + ", ".join(f"{n}=={have[n]}" for n in extra))
     return 0
 
 

@@ -31,15 +31,27 @@ def test_an_older_python_is_refused_in_one_line(tmp_path):
 def test_lock_check_names_each_distribution_that_differs(tmp_path):
     frozen = tmp_path / "lock.txt"
     assert lock_py("freeze", str(frozen)).returncode == 0
+
+    def read_lines():
+        return [line for line in (tmp_path / "frozen-copy.txt").read_text().splitlines()]
+
+    (tmp_path / "frozen-copy.txt").write_text(frozen.read_text())
     assert lock_py("check", str(frozen)).returncode == 0
     lines = frozen.read_text().splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("safetensors=="))
     lines[i] = "safetensors==0.0.1"
     lines.append("not-installed-anywhere==1.0")
+    lines.remove(next(line for line in lines if line.startswith("tqdm==")))
     frozen.write_text("\n".join(lines) + "\n")
     proc = lock_py("check", str(frozen))
     assert proc.returncode == 1
     assert "  safetensors: 0.0.1 -> " in proc.stdout and "  not-installed-anywhere: 1.0 -> (removed)" in proc.stdout
+    # A distribution the lock does not name (a user's own addition) is listed and kept, not an error.
+    lines = [line for line in lines if not line.startswith(("safetensors==", "not-installed-anywhere=="))]
+    frozen.write_text("\n".join(lines + [next(line for line in read_lines() if line.startswith("safetensors=="))]) + "\n")
+    proc = lock_py("check", str(frozen))
+    assert proc.returncode == 0 and proc.stdout.startswith("installed besides the lock (kept): ")
+    assert "tqdm==" in proc.stdout
 
 
 def test_the_gpu_lock_is_the_cpu_lock_without_the_torch_stack(tmp_path):
