@@ -48,7 +48,7 @@ def test_a_new_run_needs_an_empty_directory(tmp_path):
 def test_overwrite_moves_the_old_run_aside(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, 2, config(run))
-    start = prepare(config(run), overwrite=True)
+    start = prepare(plan(config(run), overwrite=True))
     assert start.checkpoint is None and run.is_dir() and not any(run.iterdir())
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert (aside / "checkpoints" / "epoch_0002" / "trainer.json").is_file()  # nothing deleted
@@ -106,7 +106,7 @@ def test_a_change_the_saved_state_cannot_take_is_refused_naming_the_keys(tmp_pat
         plan(config(run, lora={"rank": 16}, deepspeed={"zero_stage": 3}), resume="auto")
     # Other changes are allowed, listed, and used.
     lr = random.uniform(1e-6, 1e-4)
-    start = prepare(config(run, lora={"rank": 16}, train={"learning_rate": lr, "epochs": 6}), resume="auto")
+    start = prepare(plan(config(run, lora={"rank": 16}, train={"learning_rate": lr, "epochs": 6}), resume="auto"))
     assert any(c.startswith("train.learning_rate: 3e-05 -> ") for c in start.changes)
 
 
