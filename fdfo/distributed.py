@@ -62,7 +62,7 @@ def init(*, deepspeed: bool = True) -> torch.device:
         else:
             _init_on_cpu(ds, backend)
             atexit.register(_remove_shm_buffer, _shm_buffer_path())
-    elif not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif not dist.is_initialized() and launched_world_size() > 1:
         dist.init_process_group(backend)
     return device
 
