@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, a YAML file and dotted CLI overrides.
 
 The dataclass defaults are the published FDFO recipe for SD3.5 Medium
-(ALGORITHM.md §4-5). A built-in task's default job is a preset on top of them
+(docs/algorithm.md §4-5). A built-in task's default job is a preset on top of them
 (``--config builtin:digits``, ``fdfo.tasks.preset``).
 
 Every unknown key, badly typed or out-of-range value and unknown reward name is a
@@ -80,7 +80,7 @@ class SamplingConfig:
     steps: int = 40  # solver steps T
     guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance; below 1 weakens the prompt
     shift: float | None = None  # None = the scheduler's configured shift (3.0 for SD3.5)
-    # Fresh noise ("churn") that makes the two rows of a pair drift apart (ALGORITHM.md §1.4); each key
+    # Fresh noise ("churn") that makes the two rows of a pair drift apart (docs/algorithm.md §1.4); each key
     # below is read only by the schedule it names, and its default is that schedule's published value.
     #   raw:      γ = churn_weight at the prior and at every step but the last.
     #   prior:    churn at the prior only, γ₀ = exp(w) − 1 with
@@ -172,7 +172,7 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    # name -> weight; the reward is the weighted sum (ALGORITHM.md §2).
+    # name -> weight; the reward is the weighted sum (docs/algorithm.md §2).
     weights: dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0, "vlm_alignment": 0.1})
     # name -> weights path (directory or hub id); "builtin" for the digits task's models;
     # absent = the published weights (hub ids of PickScore, Qwen2.5-VL-7B-Instruct, CLIP).

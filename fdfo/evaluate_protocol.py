@@ -7,7 +7,7 @@ metric of the protocol (``fdfo.protocol``), one table with the row to beat.
     python -m fdfo.evaluate --protocol digits --model builtin:digits --adapter runs/digits --out eval/digits
 
 Sampling: the deterministic Euler sampler with the settings ``fdfo.generate.sampling_defaults`` gives:
-the checkpoints' run config (all checkpoints must agree), else the published ones (ALGORITHM.md §5:
+the checkpoints' run config (all checkpoints must agree), else the published ones (docs/algorithm.md §5:
 40 steps, guidance 1.0, i.e. no CFG); ``--steps``/``--guidance``/... override them for every model.
 Prompt ``i`` of a set is sampled with seeds ``--seed`` + 0, 1, ... by every model from the same latents.
 

@@ -1,4 +1,4 @@
-"""The paired sampler's step loop as a replayed CUDA graph (ARCHITECTURE.md, fdfo.sampling).
+"""The paired sampler's step loop as a replayed CUDA graph (docs/architecture.md, fdfo.sampling).
 
 One sampling step of a micro-batch of 2P rows,
 

@@ -1,4 +1,4 @@
-"""The finite-difference flow loss (ALGORITHM.md §3): the PyTorch reference.
+"""The finite-difference flow loss (docs/algorithm.md §3): the PyTorch reference.
 
 This is the ground truth that the fused Triton kernel (``fdfo.kernels.fd_loss``)
 is tested against; both take the same arguments and return ``(loss, metrics)``.

@@ -1,4 +1,4 @@
-"""Paired sampling with churn (ALGORITHM.md §1).
+"""Paired sampling with churn (docs/algorithm.md §1).
 
 A batch of P prompts gives 2P trajectories stored interleaved (pair i owns rows
 2i and 2i+1). Both rows of a pair start from the same Gaussian latent; a small
@@ -64,7 +64,7 @@ def _pair_draws(pairs: int, mean: float, std: float, generator: torch.Generator 
 def churn_schedule(name: str, weight: float, sigmas: torch.Tensor, rows: int,
                    generator: torch.Generator | None = None, *, weight_sigma: float = 0.0, mu: float = 0.0,
                    sigma: float = 0.0, soft_sigma: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row churn amounts (ALGORITHM.md §1.4): (γ_prior [rows], γ_steps [T, rows]), float64 on the CPU.
+    """Per-row churn amounts (docs/algorithm.md §1.4): (γ_prior [rows], γ_steps [T, rows]), float64 on the CPU.
 
     The schedule lives on the σ grid σ_0 = 1 > … > σ_T = 0: the prior takes its value at σ_0, step k
     (σ_k → σ_{k+1}) the value at σ_{k+1}, and the last step always 0. Rows 2i and 2i+1 (one pair) get

@@ -4,7 +4,7 @@ import torch
 
 
 def fd_loss_gold(v, v_ref, d, dR, clip, ms=None):
-    """ALGORITHM.md §3 written literally (lp and lp_ref separately) in float64.
+    """docs/algorithm.md §3 written literally (lp and lp_ref separately) in float64.
 
     ms: the rows' mean(d²), or None to compute it from d. Returns (loss, per-row ratio, per-row loss).
     """

@@ -29,7 +29,7 @@ def test_defaults_are_the_published_recipe():
                                               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"}
     assert cfg.checkpoint.every == 5 and cfg.model.resolution == 512 and cfg.model.max_sequence_length == 128
     assert cfg.reward.weights == {"pickscore": 1.0, "vlm_alignment": 0.1}
-    s = cfg.sampling  # the published churn schedules' parameters (ALGORITHM.md §1.4)
+    s = cfg.sampling  # the published churn schedules' parameters (docs/algorithm.md §1.4)
     assert s.churn_schedule == "raw" and (s.churn_prior_weight, s.churn_prior_weight_sigma) == (0.1, 1.0)
     assert (s.churn_interval_mu, s.churn_interval_sigma, s.churn_interval_weight, s.churn_interval_weight_sigma,
             s.churn_interval_soft_sigma) == (1.0, 1.5, 1.0, 0.0, 0.25)

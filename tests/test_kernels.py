@@ -342,7 +342,7 @@ def test_pair_delta_rejects_unpaired_rows():
 
 
 def _gold_churn(x, v, t, s, g, noise):
-    """ALGORITHM.md §1.3 in float64 with per-row t, s, γ."""
+    """docs/algorithm.md §1.3 in float64 with per-row t, s, γ."""
     x, v, noise = x.double(), v.double(), noise.double()
     t, s, g = (a.double().view(-1, *[1] * (x.ndim - 1)) for a in (t, s, g))
     r = s / (1 + g - g * s)

@@ -134,7 +134,7 @@ def test_the_transformer_gets_the_schedulers_fp32_timesteps_with_bf16_weights(ti
 
 def test_default_lora_covers_the_joint_attention_only(tmp_path):
     """SD3.5 Medium's dual-attention blocks have a second self-attention `attn2`; the published adapter
-    (ALGORITHM.md §5) adapts the joint attention's eight projections and nothing in attn2."""
+    (docs/algorithm.md §5) adapts the joint attention's eight projections and nothing in attn2."""
     from fdfo.models.tiny import build_tiny_sd3_pipeline
 
     build_tiny_sd3_pipeline(num_layers=3, dual_attention_layers=(0, 1), with_t5=False).save_pretrained(tmp_path)

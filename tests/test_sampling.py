@@ -68,7 +68,7 @@ def test_prior_churn_statistics():
     assert float(torch.corrcoef(torch.stack([x, out]))[0, 1]) == pytest.approx(1 / 1.5, abs=0.01)
 
 
-# --------------------------------------------------------------------------- churn schedules (ALGORITHM.md §1.4)
+# --------------------------------------------------------------------------- churn schedules (docs/algorithm.md §1.4)
 
 
 def _grid(g: torch.Generator, T: int) -> torch.Tensor:

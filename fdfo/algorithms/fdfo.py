@@ -1,4 +1,4 @@
-"""FDFO (ALGORITHM.md §1-4): paired trajectories with churn, and the finite-difference velocity loss.
+"""FDFO (docs/algorithm.md §1-4): paired trajectories with churn, and the finite-difference velocity loss.
 
     prompts ─► paired sampler (2 rows per pair, churn) ─► xs [2P, T], vs [2P, T], x0 [2P]
     (x0, R) ─► pair_delta ─► d, dR, mean(d²) per row

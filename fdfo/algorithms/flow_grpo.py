@@ -1,4 +1,4 @@
-"""Flow-GRPO, the per-step policy-gradient baseline (ALGORITHM.md §6), as an algorithm of the trainer.
+"""Flow-GRPO, the per-step policy-gradient baseline (docs/algorithm.md §6), as an algorithm of the trainer.
 
 The deterministic flow sampler becomes a reverse SDE with noise level ``a``;
 each denoising step is a Gaussian policy action with a closed-form

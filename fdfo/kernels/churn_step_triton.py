@@ -1,4 +1,4 @@
-"""Fused churn step (ALGORITHM.md §1.3): CFG combination, overshoot Euler, rescale and fresh noise.
+"""Fused churn step (docs/algorithm.md §1.3): CFG combination, overshoot Euler, rescale and fresh noise.
 
 Reference: ``fdfo.sampling.churn_step`` / ``prior_churn`` given the same noise tensor
 (``churn_noise`` materialises the kernel's noise for exactly that comparison).

@@ -1,4 +1,4 @@
-"""Fused finite-difference loss (ALGORITHM.md §3): loss, metrics and ∂loss/∂v from one read of the inputs.
+"""Fused finite-difference loss (docs/algorithm.md §3): loss, metrics and ∂loss/∂v from one read of the inputs.
 
 Reference: ``fdfo.loss.fdfo_loss`` (same arguments, same ``(loss, metrics)``).
 

@@ -1,4 +1,4 @@
-"""Pair half-differences (ALGORITHM.md §2): d, dR and the per-row mean square of d in one read of x₀.
+"""Pair half-differences (docs/algorithm.md §2): d, dR and the per-row mean square of d in one read of x₀.
 
 Reference: ``fdfo.loss.pair_delta`` (same arguments, same ``(d, dR, ms)``).
 

@@ -14,7 +14,7 @@ weights, or for a built-in task's reward its own models, also named ``builtin``)
     digit_probability     the digits task's CNN probability of the digit     [0, 1]
     digit_judge_accuracy  the digits task's held-out judge is right          {0, 1}
 
-Published presets (ALGORITHM.md §2): ``pickscore``, ``vlm_alignment`` and
+Published presets (docs/algorithm.md §2): ``pickscore``, ``vlm_alignment`` and
 ``combined`` (PickScore ×1 + VLM ×0.1, the default); ``preset_weights(name)``.
 
 Diversity metrics of the evaluation (not rewards: they compare a prompt's images with

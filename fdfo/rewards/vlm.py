@@ -1,4 +1,4 @@
-"""The VLM yes/no alignment reward (ALGORITHM.md §2) with Qwen2.5-VL through transformers.
+"""The VLM yes/no alignment reward (docs/algorithm.md §2) with Qwen2.5-VL through transformers.
 
 For each (prompt, image) the VLM is asked, in its chat format,
 
