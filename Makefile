@@ -8,7 +8,7 @@ JOBS ?= 2
 
 .PHONY: train test env lock smoke
 
-train: env  ## the built-in default job (digits), or: make train ARGS="--config configs/x.yaml"
+train: env  ## the built-in default job (digits), or: make train ARGS="--config configs/<name>.yaml"
 	$(PY) fdfo/train.py $(ARGS)
 
 test: env  ## the whole test suite

@@ -153,14 +153,14 @@ def build_tiny_pickscore(out: Path) -> Path:
 
 
 def make_config(args, variant: str, pipeline_dir: Path, reward_dir: Path, out_dir: Path):
-    from fdfo.config import build_config
+    from fdfo.settings import build_config
 
     overrides = {
         "name": f"bench-epoch-{variant}",
         "model": {"path": str(pipeline_dir)},
         "sampling": {"steps": args.steps, "guidance_scale": args.guidance, "micro_batch_pairs": args.micro_pairs},
-        "train": {"epochs": 1 + args.warmup_epochs, "pairs_per_epoch": args.pairs,
-                  "micro_batch_rows": args.micro_rows, "optimizer_steps_per_epoch": args.optimizer_steps},
+        "train": {"epochs": 1 + args.warmup_epochs, "micro_batch_rows": args.micro_rows},
+        "fdfo": {"pairs_per_epoch": args.pairs, "optimizer_steps_per_epoch": args.optimizer_steps},
         "data": {"prompts": str(ROOT / "prompts" / "examples.txt")},
         "reward": {"weights": {"pickscore": 1.0}, "paths": {"pickscore": str(reward_dir)}},
         "eval": {"every": 0},
@@ -248,7 +248,7 @@ def run_variant(args, variant: str, pipeline_dir: Path, reward_dir: Path, work: 
         "sampler": sampler, "kernel_backend": trainer.policy.kernels,
         "trajectory_device": cfg.train.trajectory_device, "attention_backend": cfg.model.attention_backend,
         "trajectory_mib": rec.get("trajectory_mib"), "trajectory_device_mib": rec.get("trajectory_device_mib"),
-        "pairs": cfg.train.pairs_per_epoch, "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance_scale,
+        "pairs": cfg.fdfo.pairs_per_epoch, "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance_scale,
         "micro_batch_pairs": cfg.sampling.micro_batch_pairs, "micro_batch_rows": cfg.train.micro_batch_rows,
         "warmup_epochs": args.warmup_epochs, "warmup": warmup, "setup_s": setup_s,
         "pairs_per_s": rec.get("pairs_per_s"), "sample_s": rec.get("sample_s"), "train_s": rec.get("train_s"),
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG weight (1.0 = off; 4.5 for CFG)")
     parser.add_argument("--micro-pairs", type=int, default=None, help="sampling.micro_batch_pairs (default 3; --tiny 2)")
     parser.add_argument("--micro-rows", type=int, default=None, help="train.micro_batch_rows (default 6; --tiny 4)")
-    parser.add_argument("--optimizer-steps", type=int, default=4, help="train.optimizer_steps_per_epoch")
+    parser.add_argument("--optimizer-steps", type=int, default=4, help="fdfo.optimizer_steps_per_epoch")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="untimed epochs before the timed one")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                         help="fast and published by default; host and sdpa_* are the large-model levers (a lever "

@@ -2,8 +2,10 @@
 
 Random-init weights in the real SD3.5 Medium transformer (speed does not depend on the
 values), LoRA rank 32 on the attention projections as while training, 512² images
-(64×64 latents), 40 steps with churn, CFG off and on, micro-batches of 2–26 rows.
-Every variant samples the same micro-batch:
+(64×64 latents), 40 steps with churn, CFG off and on, micro-batches of 2–26 rows. The
+transformer sits in its flow model (``fdfo.models.flavours.flow_model``): every variant
+calls the velocity and the LoRA set-up that training runs. Every variant samples the same
+micro-batch:
 
     published    the published code's loop: PyTorch ops, host-synchronising step (.item() per
                  step), noise from torch.randn, trajectories gathered in lists; no kernels, no graphs
@@ -42,12 +44,13 @@ from pathlib import Path
 import torch
 
 from fdfo.atomic import write_text
+from fdfo.config import LoraConfig
 from fdfo.flops import count_flops, peak_bf16_tflops
 from fdfo.gpu_stats import GpuStats
 from fdfo.graphs import GraphSampler
-from fdfo.models.sd3 import SD3FlowModel
+from fdfo.models import flavours
+from fdfo.models.base import Conditioning, FlowModel
 from fdfo.models.flavours import ARCHS
-from fdfo.models.base import Conditioning
 from fdfo.sampling import Trajectories, churn_schedule, churn_step, prior_churn
 
 VARIANTS = ("published", "eager", "graph", "compile", "graph+compile")
@@ -57,10 +60,10 @@ VARIANTS = ("published", "eager", "graph", "compile", "graph+compile")
 
 
 @torch.no_grad()
-def sample_published(forward, latents, cond: Conditioning, uncond: Conditioning | None, guidance: float,
-                     sigmas: torch.Tensor, gamma_prior: torch.Tensor, gamma_steps: torch.Tensor,
+def sample_published(velocity, latents, sigmas: torch.Tensor, gamma_prior: torch.Tensor, gamma_steps: torch.Tensor,
                      generator: torch.Generator) -> Trajectories:
-    """The step loop as the published code writes it: scalars read back to the host every step."""
+    """The step loop as the published code writes it: scalars read back to the host every step.
+    velocity: (x, σ) -> v with CFG as configured (the trainer's ``Policy.velocity_fn``)."""
     device = latents.device
     x = latents.repeat_interleave(2, dim=0)
     rows, T = x.shape[0], sigmas.numel() - 1
@@ -71,13 +74,7 @@ def sample_published(forward, latents, cond: Conditioning, uncond: Conditioning 
     xs, vs = [], []
     for k in range(T):
         t, s = sig[k].item(), sig[k + 1].item()  # host synchronisation, every step
-        timestep = torch.full((rows,), t, device=device)
-        if guidance != 1.0:
-            both = Conditioning.cat([uncond.expand(rows), cond])
-            v_u, v_c = forward(torch.cat([x, x]), torch.cat([timestep, timestep]), both).chunk(2)
-            v = v_u + guidance * (v_c - v_u)
-        else:
-            v = forward(x, timestep, cond)
+        v = velocity(x, torch.full((rows,), t, device=device))
         xs.append(x)
         vs.append(v)
         x = churn_step(x, v, t, s, g_steps[k], torch.randn(x.shape, generator=generator, device=device))
@@ -87,30 +84,20 @@ def sample_published(forward, latents, cond: Conditioning, uncond: Conditioning 
 # --------------------------------------------------------------------------- set-up
 
 
-def build_transformer(arch: str, lora: int, device: torch.device, dtype: torch.dtype):
-    from diffusers import SD3Transformer2DModel
-
+def build_model(arch: str, lora: int, device: torch.device, dtype: torch.dtype) -> FlowModel:
+    """The flow model around a random-init transformer of ``arch`` with the trainer's LoRA (rank ``lora``,
+    alpha 2·rank, on the family's targets; 0: none)."""
     torch.manual_seed(0)
-    with torch.device(device):  # random init where it runs: seconds on a GPU instead of a minute on the host
-        net = SD3Transformer2DModel(**ARCHS[arch]).to(dtype)
-    net.requires_grad_(False)
+    model = flavours.flow_model(arch, device, dtype)
     if lora:
-        from peft import LoraConfig
-
-        net.add_adapter(LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=list(SD3FlowModel.LORA_TARGETS),
-                                   init_lora_weights="gaussian"))
-        for p in net.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable LoRA weights in fp32, as SD3FlowModel.add_lora
-    return net.to(device).eval()
+        model.add_lora(LoraConfig(rank=lora, alpha=2.0 * lora))
+    return model
 
 
-def make_forward(net, dtype: torch.dtype):
-    """(x, σ, cond) -> v: the same call as SD3FlowModel._forward."""
-    def forward(x, sigma, cond):
-        return net(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=cond.embeds,
-                   pooled_projections=cond.pooled, return_dict=False)[0].float()
-    return forward
+def velocity_fn(model: FlowModel, net):
+    """(x, σ, cond) -> v without CFG through ``net`` (the transformer, or it under torch.compile): the model's
+    own velocity, as the trainer's sampler calls it (``GraphSampler.for_model``)."""
+    return lambda x, sigma, cond: model.velocity(x, sigma, cond, net=net)
 
 
 def forward_flops(forward, x, sigma, cond) -> int:
@@ -134,7 +121,7 @@ def skip_reason(variant: str, device: torch.device) -> str | None:
 # --------------------------------------------------------------------------- one configuration
 
 
-def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, cfg: bool, emit=None) -> list[dict]:
+def run_config(args, model, forward, compiled, device, dtype, sigmas, rows: int, cfg: bool, emit=None) -> list[dict]:
     """Every variant at one (rows, cfg); ``emit(results)`` after each, so the caller can save them as it goes."""
     arch = ARCHS[args.arch]
     C, side, L = arch["in_channels"], args.latent, args.text_tokens
@@ -172,16 +159,20 @@ def run_config(args, net, forward, compiled, device, dtype, sigmas, rows: int, c
             if variant == "published":
                 gen = torch.Generator(device)
 
+                def velocity(x, t):
+                    return model.velocity(x, t, cond, guidance, uncond)
+
                 def run(sig=sigmas, gp=g_prior, gs=g_steps):
                     gen.manual_seed(seed)
-                    return sample_published(forward, latents, cond, uncond, guidance, sig, gp, gs, gen)
+                    return sample_published(velocity, latents, sig, gp, gs, gen)
 
                 mode = "eager"
                 t0 = time.perf_counter()
                 run(short, g_prior_s, g_steps_s)
             else:
                 sampler = GraphSampler(compiled if "compile" in variant else forward, guidance_scale=guidance,
-                                       uncond=uncond if cfg else None, graphs="graph" in variant, module=net,
+                                       uncond=uncond if cfg else None, graphs="graph" in variant,
+                                       module=model.transformer,
                                        log=lambda msg: print(f"    [{variant}] {msg}", flush=True))
 
                 def run(sig=sigmas, gp=g_prior, gs=g_steps, sampler=sampler):
@@ -297,14 +288,14 @@ def main(argv=None) -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(args.steps, device="cpu")
     sigmas = scheduler.sigmas.detach().clone().float()
-    net = build_transformer(args.arch, args.lora, device, dtype)
-    forward = make_forward(net, dtype)
+    model = build_model(args.arch, args.lora, device, dtype)
+    forward = velocity_fn(model, model.transformer)
     compiled = None
     if any("compile" in v for v in args.variants) and device.type == "cuda":
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)  # one graph per shape
-        compiled = make_forward(torch.compile(net, dynamic=False), dtype)
+        compiled = velocity_fn(model, torch.compile(model.transformer, dynamic=False))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.arch} {args.latent}×{args.latent} latents, {args.steps} steps, LoRA r={args.lora}, {dtype}, "
           f"{device_name}", flush=True)
@@ -321,7 +312,7 @@ def main(argv=None) -> dict:
     save()
     for cfg in args.cfg:
         for rows in args.rows:
-            results += run_config(args, net, forward, compiled, device, dtype, sigmas, rows, cfg == "on", emit=save)
+            results += run_config(args, model, forward, compiled, device, dtype, sigmas, rows, cfg == "on", emit=save)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     out["complete"] = True

@@ -4,8 +4,9 @@ Random-init weights in the real SD3.5 and FLUX.1 [dev] architectures (``fdfo.mod
 speed does not depend on the values): LoRA (rank 32 on the family's default targets, as the
 trainer adapts them) or full fine-tuning, one micro-batch of training elements per
 forward/backward, the FD loss, the optimizer step through the DeepSpeed engine. The
-transformer is called as the family's flow model calls it: SD3 on the latent with 1000·σ,
-FLUX on the 2×2-packed tokens with their position ids, σ and the distilled guidance.
+transformer sits in its family's flow model (``fdfo.models.flavours.flow_model``), whose
+velocity and LoRA set-up are the trainer's: SD3 on the latent with 1000·σ, FLUX on the
+2×2-packed tokens with their position ids, σ and the distilled guidance.
 
     deepspeed --num_gpus 1 benchmarks/bench_zero.py --arch sd35-medium --stage 0 2 3
     python benchmarks/bench_zero.py --arch sd35-medium --stage 3 --full   # one GPU: a plain process is rank 0
@@ -29,8 +30,12 @@ import time
 
 import torch
 
+from fdfo.config import LoraConfig
 from fdfo.engine import adamw
 from fdfo.models import flavours
+from fdfo.models.base import Conditioning, FlowModel
+
+LORA = LoraConfig(rank=32, alpha=64.0)  # the trainer's default adapter, on the family's default targets
 
 SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens (SD3.5)
 FLUX_TEXT_TOKENS = 512  # T5 tokens (FluxPipeline's max_sequence_length for FLUX.1 [dev])
@@ -53,31 +58,33 @@ def parse_runs(specs: list[str], stages: list[int]) -> list[tuple[str, list[int]
     return runs
 
 
-def step_inputs(name: str, rows: int, latent: int, text_tokens: int, dtype: torch.dtype, device: torch.device,
-                g: torch.Generator) -> dict:
-    """The transformer's keyword arguments for ``rows`` random training elements, as the family's flow
-    model passes them (``fdfo/models/sd3.py``, ``fdfo/models/flux.py``)."""
-    arch, family = flavours.kwargs(name), flavours.family(name).family
-    emb = torch.randn(rows, text_tokens, arch["joint_attention_dim"], generator=g, device=device).to(dtype)
-    pooled = torch.randn(rows, arch["pooled_projection_dim"], generator=g, device=device).to(dtype)
-    sigma = torch.rand(rows, generator=g, device=device)
-    if family == "sd3":
-        x = torch.randn(rows, arch["in_channels"], latent, latent, generator=g, device=device)
-        return dict(hidden_states=x.to(dtype), timestep=sigma.to(dtype) * 1000, encoder_hidden_states=emb,
-                    pooled_projections=pooled)
-    from diffusers import FluxPipeline
+def build_model(name: str, full: bool, device: torch.device, dtype: torch.dtype) -> FlowModel:
+    """The flow model around a random-init transformer of ``name``, trained as the trainer trains it:
+    every weight (``full``) or the ``LORA`` adapter."""
+    torch.manual_seed(0)
+    model = flavours.flow_model(name, device, dtype)
+    if full:
+        model.enable_full_finetune()
+    else:
+        model.add_lora(LORA)
+    return model
 
-    side = latent // 2  # 2×2 latent patches per token, the transformer's in_channels = 4 × 16
-    tokens = torch.randn(rows, side * side, arch["in_channels"], generator=g, device=device)
-    guidance = torch.full((rows,), 3.5, device=device) if arch.get("guidance_embeds") else None
-    return dict(hidden_states=tokens.to(dtype), timestep=sigma, guidance=guidance, pooled_projections=pooled,
-                encoder_hidden_states=emb, txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
-                img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype))
+
+def step_inputs(model: FlowModel, rows: int, latent: int, text_tokens: int, device: torch.device,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """``rows`` random training elements for ``model.velocity``: states [rows, C, latent, latent] (unpacked,
+    as the trainer stores them), σ [rows], and prompt embeddings in the model's dtype."""
+    cfg = model.transformer.config
+    channels = cfg.in_channels // model.PATCH ** 2  # FLUX packs 2×2 latent pixels into a token's channels
+    x = torch.randn(rows, channels, latent, latent, generator=g, device=device)
+    sigma = torch.rand(rows, generator=g, device=device)
+    embeds = torch.randn(rows, text_tokens, cfg.joint_attention_dim, generator=g, device=device).to(model.dtype)
+    pooled = torch.randn(rows, cfg.pooled_projection_dim, generator=g, device=device).to(model.dtype)
+    return x, sigma, Conditioning(embeds, pooled)
 
 
 def run_stage(args, name: str, stage: int, device: torch.device, rank: int, world: int) -> dict:
     import deepspeed
-    from peft import LoraConfig
 
     from fdfo.loss import fdfo_loss
 
@@ -89,19 +96,8 @@ def run_stage(args, name: str, stage: int, device: torch.device, rank: int, worl
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU: seconds, where the host takes minutes for 8B parameters
-        model = flavours.build(name).to(dtype)
-    if args.full:
-        model.requires_grad_(True)
-    else:
-        model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=flavours.lora_targets(name, model),
-                                     init_lora_weights="gaussian"))
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = build_model(name, args.full, device, dtype)
+    params = model.trainable_parameters()
     zero = {"stage": stage}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=100000)
@@ -114,20 +110,20 @@ def run_stage(args, name: str, stage: int, device: torch.device, rank: int, worl
     if args.full and dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
     if offload:
-        model = model.cpu()  # ZeRO-3 offload keeps the parameters in host memory; DeepSpeed pins its partitions
+        model.transformer.cpu()  # ZeRO-3 offload keeps the parameters in host memory; DeepSpeed pins them
     if device.type == "cuda":  # the peak from here on: the model as trained, not its fp32 construction
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     opt = adamw(params, ds, lr=3e-5, weight_decay=1e-4)  # DeepSpeed's CPU AdamW under optimizer offload
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, *_ = deepspeed.initialize(model=model.transformer, optimizer=opt, config=ds)
     g = torch.Generator(device).manual_seed(rank)
-    inputs = step_inputs(name, args.rows, latent, text_tokens, dtype, device, g)
-    v_ref = torch.randn(inputs["hidden_states"].shape, generator=g, device=device)
+    x, sigma, cond = step_inputs(model, args.rows, latent, text_tokens, device, g)
+    v_ref = torch.randn(x.shape, generator=g, device=device)
     d = 0.05 * torch.randn_like(v_ref)
     dR = 0.1 * torch.randn(args.rows, generator=g, device=device)
 
     def step():
-        v = engine(**inputs, return_dict=False)[0].float()
+        v = model.velocity(x, sigma, cond, net=engine)  # through the engine, as Policy.train_velocity
         loss, _ = fdfo_loss(v, v_ref, d, dR, 0.03)
         engine.backward(loss)
         engine.step()
@@ -151,7 +147,7 @@ def run_stage(args, name: str, stage: int, device: torch.device, rank: int, worl
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if hasattr(engine, "destroy"):  # ZeRO-3's hooks hold the module: release it before the next (larger) model
         engine.destroy()
-    del engine, model, opt, inputs, v_ref, d, dR
+    del engine, model, opt, x, sigma, cond, v_ref, d, dR
     return result
 
 

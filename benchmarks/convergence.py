@@ -19,9 +19,9 @@ base model's (its epoch-0 evaluation) is marked "collapsed" and never selected.
    takes it; no METHOD: every method); each method runs the cartesian product of its axes.
 
     python benchmarks/convergence.py --epochs 30 --select --grid \\
-        fdfo:train.learning_rate=3e-4,1e-3 fdfo:train.clip_range=0.03,0.1,0.3 \\
-        fdfo:sampling.churn_schedule=raw,prior,interval \\
-        flow_grpo:train.learning_rate=1e-3,3e-3 flow_grpo:grpo.clip_range=1e-4,1e-3,1e-2 -- --eval.every 2
+        fdfo:train.learning_rate=3e-4,1e-3 fdfo:fdfo.clip_range=0.03,0.1,0.3 \\
+        fdfo:churn.schedule=raw,prior,interval \\
+        flow_grpo:train.learning_rate=1e-3,3e-3 flow_grpo:flow_grpo.clip_range=1e-4,1e-3,1e-2 -- --eval.every 2
 
 2. Seeds: each method at one setting (--set METHOD:KEY=VALUE, as --select prints it), several seeds:
    judge accuracy after a fixed number of images (--at-images; default: the most every run
@@ -55,9 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Equal budgets: 128 images per epoch for both methods.
 METHODS = {
-    "fdfo": ["--train.algorithm", "fdfo", "--train.pairs_per_epoch", "64"],
-    "flow_grpo": ["--train.algorithm", "flow_grpo", "--grpo.groups_per_epoch", "8", "--grpo.group_size", "16",
-                  "--train.micro_batch_rows", "48", "--grpo.kl_beta", "0"],
+    "fdfo": ["--train.algorithm", "fdfo", "--fdfo.pairs_per_epoch", "64"],
+    "flow_grpo": ["--train.algorithm", "flow_grpo", "--flow_grpo.groups_per_epoch", "8", "--flow_grpo.group_size", "16",
+                  "--train.micro_batch_rows", "48", "--flow_grpo.kl_beta", "0"],
 }
 COLORS = {"fdfo": "tab:blue", "flow_grpo": "tab:orange"}
 

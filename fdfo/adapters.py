@@ -25,7 +25,8 @@ PREFIX = "base_model.model."
 
 
 class AdapterError(ValueError):
-    """An adapter that cannot be read or does not fit the model: one line naming the file and the fix."""
+    """An adapter (or another checkpoint's weights file) that cannot be read, or an adapter that does not fit
+    the model: one line naming the file and the fix."""
 
 
 def is_peft_adapter(path: Path) -> bool:
@@ -92,18 +93,22 @@ def read_config(path: Path):
     return config
 
 
-def header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Weight name (the transformer's module names) -> shape, from the safetensors header only, and the
-    adapter's target module names: what ``fdfo.generate.check_checkpoint`` compares with a model."""
+def safetensors_header(file: Path, fix: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor name -> shape, and the metadata, of a safetensors file (its header only: no weights are read);
+    a file that cannot be read is an AdapterError naming it, ending with ``fix``."""
     from safetensors import safe_open
 
-    file = path / WEIGHTS_FILE
     try:
         with safe_open(str(file), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:
-        raise AdapterError(f"'{file}' is not a readable safetensors file ({exc}); download or export the "
-                           "adapter again") from exc
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise AdapterError(f"'{file}' is not a readable safetensors file ({exc}); {fix}") from exc
+
+
+def header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Weight name (the transformer's module names) -> shape, from the safetensors header only, and the
+    adapter's target module names: what ``fdfo.trained_checkpoint.check_checkpoint`` compares with a model."""
+    shapes, _ = safetensors_header(path / WEIGHTS_FILE, "download or export the adapter again")
     config = read_config(path)
     targets = config.target_modules
     plain = isinstance(targets, (list, set, tuple)) and not (config.exclude_modules or config.layers_to_transform)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fdfo import distributed
-from fdfo.config import ConfigError
+from fdfo.errors import ConfigError
 
 ADAPTER_DIR = "adapter"
 TRANSFORMER_DIR = "transformer"

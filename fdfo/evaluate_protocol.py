@@ -6,7 +6,7 @@ metric of the protocol (``fdfo.protocol``), one table with the row to beat.
     torchrun --nproc_per_node 8 -m fdfo.evaluate --protocol published ...   # prompts sharded over the ranks
     python -m fdfo.evaluate --protocol digits --model builtin:digits --adapter runs/digits --out eval/digits
 
-Sampling: the deterministic Euler sampler with the settings ``fdfo.generate.sampling_defaults`` gives:
+Sampling: the deterministic Euler sampler with the settings ``fdfo.inference.sampling_defaults`` gives:
 the checkpoints' run config (all checkpoints must agree), else the published ones (docs/algorithm.md §5:
 40 steps, guidance 1.0, i.e. no CFG); ``--steps``/``--guidance``/... override them for every model.
 Prompt ``i`` of a set is sampled with seeds ``--seed`` + 0, 1, ... by every model from the same latents.
@@ -25,58 +25,21 @@ whose weights are not at hand), ``protocol.json`` (every value, per prompt too) 
 from __future__ import annotations
 
 import argparse
-import gc
-import hashlib
 import json
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-
-from fdfo import atomic, distributed
-from fdfo import generate as gen
+from fdfo import atomic, cli, distributed
 from fdfo import protocol as protocols
-from fdfo.evaluate import add_metric_arguments, metric_paths
 from fdfo.image_store import ImageStore
-from fdfo.rewards import DIVERSITY_METRICS, RewardUnavailable, build_diversity, build_reward, report_nonfinite
+from fdfo.metrics import metric_paths
+from fdfo.outputs import check_out_dir
+from fdfo.protocol_run import (Plan, generate_missing, markdown_table, read_set, record_settings, resolve_models,
+                               results_json, score, select_metrics, write_grid)
+from fdfo.rewards import DIVERSITY_METRICS
 
 PROG = "fdfo.evaluate"
-# The settings a model's images depend on: a rerun into the same --out must repeat them.
-SAMPLER_KEYS = ("steps", "guidance", "negative_prompt", "shift", "resolution", "max_sequence_length",
-                "model_options")  # (model_options: a family's own, e.g. FLUX's distilled guidance)
-OVERRIDE_FLAGS = {"steps": "--steps", "guidance": "--guidance", "negative_prompt": "--negative-prompt",
-                  "resolution": "--resolution", "max_sequence_length": "--max-sequence-length"}
-
-
-@dataclass
-class Model:
-    name: str  # the folder of its images, and its row
-    ckpt: gen.Checkpoint | None  # None: the base model
-
-
-@dataclass
-class PromptSetRun:
-    spec: protocols.PromptSet
-    file: str
-    available: int  # prompts in the file
-    prompts: list[str]  # the first spec.size (or --max-prompts) of them
-    metrics: list[str]  # the protocol's metrics of this set that are evaluated
-
-
-@dataclass
-class Plan:
-    protocol: protocols.Protocol
-    sets: list[PromptSetRun]
-    models: list[Model]
-    settings: dict  # sampling settings (fdfo.generate.sampling_defaults + overrides)
-    repeats: int
-    seeds: list[int]
-    paths: dict[str, str]  # metric -> weights
-    out: Path
 
 
 # --------------------------------------------------------------------------- command line
@@ -93,7 +56,7 @@ def parse_args(argv: list[str]):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--protocol", required=True, metavar="NAME", help=f"one of: {', '.join(protocols.PROTOCOLS)}")
     p.add_argument("--adapter", action="append", default=[], metavar="CKPT",
-                   help=f"a checkpoint to evaluate ({gen.CHECKPOINT_FORMS}); repeat for several. The base model "
+                   help=f"a checkpoint to evaluate ({cli.CHECKPOINT_FORMS}); repeat for several. The base model "
                         "is evaluated once, beside them")
     p.add_argument("--model", help="base model (default: the checkpoints' run config"
                                    + (f", else {proto.model}" if proto.model else "") + ")")
@@ -107,8 +70,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--max-prompts", type=int, metavar="N", help="at most N prompts of each set (a smoke run)")
     p.add_argument("--repeats", type=int, metavar="N", help=f"images per prompt (default: {proto.repeats})")
     p.add_argument("--seed", type=int, default=0)
-    gen.add_sampling_arguments(p)
-    add_metric_arguments(p)
+    cli.add_sampling_arguments(p)
+    cli.add_metric_arguments(p)
     p.add_argument("--grid-prompts", type=int, default=3, help="prompts of each set in grid.png (0: no grid)")
     p.add_argument("--max-new-images", type=int, metavar="N", help="stop each rank after N new images")
     return p.parse_args(argv), proto
@@ -118,12 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, proto = parse_args(argv)
-        gen.check_args(args)
-        gen.check_device(args.reward_device, "--reward-device")
+        cli.check_args(args)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    return gen.run_ranked(PROG, args, lambda rank, world: run(args, proto, rank, world))
+    return cli.run_ranked(PROG, args, lambda rank, world: run(args, proto, rank, world))
 
 
 # --------------------------------------------------------------------------- checks before any model loads
@@ -143,460 +105,16 @@ def prepare(args, proto: protocols.Protocol, rank: int) -> Plan:
                          "them out with --metrics")
     sets = [read_set(s, getattr(args, f"prompts_{s.name}"), args.max_prompts, [m for m in s.metrics if m in metrics])
             for s in proto.prompt_sets if any(m in metrics for m in s.metrics)]
-    models, settings = resolve_models(args, proto)
+    models, settings = resolve_models(args.adapter, args.model, proto, cli.sampling_overrides(args))
     run_config = next((m.ckpt.run_config for m in models if m.ckpt and m.ckpt.run_config), None)
     paths = metric_paths(args.path, metrics, run_config)
-    out = gen.prepare_out_dir(args.out) if rank == 0 else Path(args.out)
-    plan = Plan(proto, sets, models, settings, repeats, [args.seed + r for r in range(repeats)], paths, out)
+    out = check_out_dir(args.out, "--out", create=True) if rank == 0 else Path(args.out)
+    plan = Plan(proto, sets, models, settings, repeats, [args.seed + r for r in range(repeats)], paths, out,
+                dtype=args.dtype, device=args.device, batch_size=args.batch_size, reward_device=args.reward_device,
+                reward_batch_size=args.reward_batch_size)
     if rank == 0:
-        record_settings(plan, args)
+        record_settings(plan)
     return plan
-
-
-def select_metrics(names: list[str] | None, proto: protocols.Protocol) -> list[str]:
-    if not names:
-        return proto.metrics
-    from fdfo.rewards import reward_factories
-
-    known = [*sorted(reward_factories()), *DIVERSITY_METRICS]
-    for n in names:
-        if n not in known:
-            raise ValueError(f"unknown metric '{n}'; available metrics: {', '.join(known)}")
-        if n not in proto.metrics:
-            raise ValueError(f"metric '{n}' is not part of protocol '{proto.name}' (its metrics: "
-                             f"{', '.join(proto.metrics)}); use plain python -m fdfo.evaluate for other metrics")
-    return [m for m in proto.metrics if m in names]
-
-
-def read_set(spec: protocols.PromptSet, file: str | None, max_prompts: int | None, metrics: list[str]) -> PromptSetRun:
-    """The set's prompts: the first ``spec.size`` (and at most ``max_prompts``) of its file."""
-    from fdfo.prompts import load_prompts
-
-    file = file or spec.default
-    try:
-        prompts = load_prompts(file)
-    except FileNotFoundError:
-        if Path(file).expanduser().exists() or file.startswith("builtin:"):
-            raise
-        how = f"{spec.how_to_get}; " if spec.how_to_get else ""
-        raise FileNotFoundError(f"prompt file '{file}' ({spec.title}) does not exist; {how}or give "
-                                f"--prompts-{spec.name} FILE") from None
-    size = min(n for n in (spec.size, max_prompts, len(prompts)) if n is not None)
-    return PromptSetRun(spec, file, len(prompts), prompts[:size], metrics)
-
-
-def resolve_models(args, proto: protocols.Protocol) -> tuple[list[Model], dict]:
-    """The base model and each checkpoint (resolved and checked as generate/evaluate do), and the one set
-    of sampling settings they share."""
-    def resolve(adapter, model):
-        ns = SimpleNamespace(adapter=adapter, model=model, **{k: getattr(args, k) for k in OVERRIDE_FLAGS})
-        return gen.resolve(ns)  # sampling_defaults: the run config's settings, else the published ones
-
-    base = args.model
-    resolved = []
-    for adapter in args.adapter:
-        if base is None and proto.model and not gen.resolve_checkpoint(adapter).run_config:
-            base = proto.model  # a bare adapter folder names no base: the protocol's own
-        ckpt, settings = resolve(adapter, base)
-        if args.model is None:  # the first checkpoint's run config names the base of all
-            trained_on = ((ckpt.run_config or {}).get("model") or {}).get("path")
-            if resolved and trained_on and trained_on != base:
-                raise ValueError(f"checkpoints '{resolved[0][0].path}' and '{ckpt.path}' were trained on different "
-                                 f"base models ('{base}', '{trained_on}'); give --model to "
-                                 "evaluate both against one, or evaluate them into separate --out directories")
-            base = settings["model"]
-        resolved.append((ckpt, settings, adapter))
-    if not resolved:
-        _, settings = resolve(None, base or proto.model)
-    else:
-        settings = resolved[0][1]
-        for ckpt, other, _ in resolved[1:]:
-            for key in SAMPLER_KEYS:
-                if other.get(key) != settings.get(key):
-                    fix = (f"give {OVERRIDE_FLAGS[key]} to sample all with one value, or evaluate them into "
-                           "separate --out directories") if key in OVERRIDE_FLAGS else \
-                        "evaluate them into separate --out directories"
-                    raise ValueError(f"checkpoints '{resolved[0][0].path}' and '{ckpt.path}' sample with different "
-                                     f"{key} ({settings.get(key)!r} and {other.get(key)!r}); {fix}")
-    names = ["base"]
-    models = [Model("base", None)]
-    for ckpt, _, spec in resolved:
-        name = unique(slug(ckpt.path if Path(spec).expanduser().exists() else spec), names)
-        names.append(name)
-        models.append(Model(name, ckpt))
-    return models, settings
-
-
-def slug(path: Path | str) -> str:
-    """A short folder name for a checkpoint: its run and epoch (runs/x/checkpoints/epoch_0100 -> x-epoch_0100);
-    for a hub adapter (``owner/name/subfolder``, given as a string) its repository name and subfolder."""
-    path = Path(path) if isinstance(path, str) else path.resolve()
-    parts = [p for p in path.parts if p not in ("/", "adapter", "transformer", "checkpoints")]
-    name = "-".join(parts[-2:]) or "checkpoint"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "checkpoint"
-
-
-def unique(name: str, taken: list[str]) -> str:
-    candidate, k = name, 2
-    while candidate in taken:
-        candidate, k = f"{name}-{k}", k + 1
-    return candidate
-
-
-def settings_record(plan: Plan, args) -> dict:
-    """What the images in --out depend on (compared on every rerun), and each set's prompts."""
-    ckpts = [str(Path(m.ckpt.path).resolve()) for m in plan.models if m.ckpt]
-    record = {"protocol": plan.protocol.name, "model": plan.settings["model"], "revision": plan.settings["revision"],
-              "checkpoints": ckpts, **{k: plan.settings.get(k) for k in SAMPLER_KEYS}, "seed": args.seed,
-              "repeats": plan.repeats, "dtype": args.dtype,
-              "sets": {s.spec.name: {"file": s.file, "prompts": len(s.prompts),
-                                     "sha256": hashlib.sha256("\n".join(s.prompts).encode()).hexdigest()}
-                       for s in plan.sets}}
-    return json.loads(json.dumps(record))  # (as it reads back from the file)
-
-
-def record_settings(plan: Plan, args) -> None:
-    """Refuse an --out whose images were made with other settings; else (re)write its settings.json."""
-    out, new = plan.out, settings_record(plan, args)
-    file = out / "settings.json"
-    store = ImageStore(out / "images")
-    fix = f"give another --out, or delete '{out}' to start again"
-    if file.is_file() and store.any_images():
-        try:
-            old = json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"'{file}' is not valid JSON ({exc}); {fix}") from None
-        for key, value in new.items():
-            if key != "sets" and old.get(key) != value:
-                raise ValueError(f"--out '{out}' holds images made with other settings ({key} {old.get(key)!r} "
-                                 f"there, {value!r} here); {fix}")
-        for name, entry in new["sets"].items():
-            before = old.get("sets", {}).get(name)
-            if before and before["sha256"] != entry["sha256"]:
-                raise ValueError(f"--out '{out}' holds images of other '{name}' prompts ({before['prompts']} from "
-                                 f"'{before['file']}' there, {entry['prompts']} from '{entry['file']}' here); {fix}")
-        new["sets"] = {**old.get("sets", {}), **new["sets"]}
-    atomic.write_text(file, json.dumps(new, indent=1))
-    store.remove_partial()  # what killed writers left (no rank writes images yet)
-
-
-# --------------------------------------------------------------------------- images
-
-
-def release() -> None:
-    """Give back the memory of the models the caller has just dropped."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def generate_missing(plan: Plan, args, store: ImageStore, rank: int, world: int) -> bool:
-    """Make this rank's missing images (prompt i of a set is rank i % world's), model by model; False when
-    --max-new-images stopped some rank first."""
-    R, settings = plan.repeats, plan.settings
-    todo = {m.name: [(s, i, r) for s in plan.sets for i in range(rank, len(s.prompts), world) for r in range(R)
-                     if not store.has(s.spec.name, m.name, i, r)] for m in plan.models}
-    totals = distributed.sum_over_ranks([len(todo[m.name]) for m in plan.models])
-    budget = args.max_new_images
-    model, pristine, checked = None, False, False
-    for m, total in zip(plan.models, totals):
-        if total == 0:
-            continue
-        if model is None or not pristine:  # a checkpoint is applied to the base (reloaded after a full one)
-            model = None
-            release()
-            with distributed.rank0_first():  # a built-in base is built once, by rank 0
-                model = gen.load_model(args, settings)
-            pristine = True
-        if not checked:  # every checkpoint against the loaded base, before anything is sampled
-            for other in plan.models:
-                gen.check_model(model, other.ckpt, settings)
-            checked = True
-        if m.ckpt is not None:
-            gen.apply_checkpoint(model, m.ckpt)
-            pristine = False
-        items = todo[m.name][:budget] if budget is not None else todo[m.name]
-        distributed.print0(f"{m.name}: {int(total)} images to make ({world} rank(s))")
-        for start in range(0, len(items), args.batch_size):
-            chunk = items[start:start + args.batch_size]
-            images = gen.generate_images(model, [s.prompts[i] for s, i, _ in chunk],
-                                         [plan.seeds[r] for _, _, r in chunk], steps=settings["steps"],
-                                         guidance=settings["guidance"], negative_prompt=settings["negative_prompt"],
-                                         batch_size=args.batch_size)
-            for (s, i, r), image in zip(chunk, images):
-                store.write(s.spec.name, m.name, i, r, image)
-        if m.ckpt is not None and m.ckpt.kind == "lora":  # the base again without reloading it (T5-XXL and all)
-            model.remove_adapters()
-            pristine = True
-        if budget is not None:
-            budget -= len(items)
-            later = sum(len(todo[o.name]) for o in plan.models[plan.models.index(m):]) - len(items)
-            if distributed.sum_over_ranks([float(budget == 0 and later > 0)])[0] > 0:
-                model = None
-                release()
-                return False
-    model = None
-    release()
-    return True
-
-
-# --------------------------------------------------------------------------- scores
-
-
-def build_metric(name: str, path: str | None, device: torch.device, batch_size: int, cache_dir: str | None):
-    """(scorer or image embedder, None) or (None, why it is not available)."""
-    try:
-        if name in DIVERSITY_METRICS:
-            return build_diversity(name, path, device, batch_size=batch_size), None
-        return build_reward(name, path, device, cache_dir, batch_size=batch_size), None
-    except RewardUnavailable as exc:
-        return None, "not available: " + str(exc).split("not available: ", 1)[-1]
-    except (OSError, ValueError, RuntimeError) as exc:  # weights that do not load: the table says why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"not available: {first}"
-
-
-def cache_file(out: Path, set_name: str, model: str, metric: str) -> Path:
-    return out / "scores" / set_name / model / f"{metric}.json"
-
-
-def decide_scoring(plan: Plan, store: ImageStore, s: PromptSetRun) -> dict:
-    """Which (model, metric) scores of set ``s`` the cache holds for the images now on disk ("cached": the
-    entries), and which are to be computed ("todo": the images' fingerprint); "error": an image is missing."""
-    n, name = len(s.prompts), s.spec.name
-    decision = {"cached": {}, "todo": {}}
-    for m in plan.models:
-        try:
-            fp = store.fingerprint(name, m.name, n, plan.repeats)
-        except FileNotFoundError as exc:
-            return {"error": str(exc)}
-        for metric in s.metrics:
-            try:
-                c = json.loads(cache_file(plan.out, name, m.name, metric).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                c = None
-            if (isinstance(c, dict) and c.get("images") == fp and c.get("weights") == plan.paths.get(metric)
-                    and len(c.get("sums", [])) == n):
-                decision["cached"][f"{m.name}/{metric}"] = c
-            else:
-                decision["todo"][f"{m.name}/{metric}"] = fp
-    return decision
-
-
-def score(plan: Plan, args, store: ImageStore, rank: int, world: int) -> tuple[dict, dict]:
-    """Per (set, model, metric): per-prompt sums and counts of finite values and the non-finite count
-    (a diversity metric: one value per prompt); and metric -> note. From the cache where its images are
-    unchanged, else computed from the images on disk (this rank's prompts) and summed over ranks."""
-    R, device = plan.repeats, torch.device(args.reward_device or args.device or
-                                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    values: dict[tuple[str, str, str], dict] = {}
-    notes: dict[str, str] = {}
-    for s in plan.sets:
-        name = s.spec.name
-        plan_s = decide_scoring(plan, store, s) if rank == 0 else None  # one decision for all ranks
-        if distributed.active():
-            box = [plan_s]
-            torch.distributed.broadcast_object_list(box, src=0)
-            plan_s = box[0]
-        if plan_s.get("error"):
-            raise FileNotFoundError(plan_s["error"])
-        for key, c in plan_s["cached"].items():
-            mname, metric = key.split("/")
-            values[(name, mname, metric)] = c
-        needed = [metric for metric in s.metrics if any(k.endswith("/" + metric) for k in plan_s["todo"])]
-        built = {}
-        for metric in needed:
-            with distributed.rank0_first():  # weights built on first use (a task's) by rank 0 alone
-                obj, note = build_metric(metric, plan.paths.get(metric), device, args.reward_batch_size,
-                                         plan.settings["cache_dir"])
-            note = distributed.first_error(note)  # unavailable on one rank: on all
-            if note:
-                notes[metric] = note
-                distributed.print0(f"{metric}: {note}")
-            else:
-                built[metric] = obj
-                if getattr(obj, "note", None):
-                    notes[metric] = obj.note
-        for m in plan.models:
-            todo = [metric for metric in built if f"{m.name}/{metric}" in plan_s["todo"]]
-            if not todo:
-                continue
-            result = _score_images(s, m, todo, built, store, R, rank, world, args.reward_batch_size)
-            for metric in todo:
-                entry = {"metric": metric, "set": name, "model": m.name, "weights": plan.paths.get(metric),
-                         "images": plan_s["todo"][f"{m.name}/{metric}"], **result[metric]}
-                values[(name, m.name, metric)] = entry
-                if rank == 0:
-                    atomic.write_text(cache_file(plan.out, name, m.name, metric), json.dumps(entry))
-        built.clear()
-        release()
-    for s in plan.sets:
-        for metric in s.metrics:
-            if metric in DIVERSITY_METRICS and metric not in notes:  # (all its scores came from the cache)
-                notes[metric] = diversity_note(metric)
-    return values, notes
-
-
-def diversity_note(metric: str) -> str:
-    """What a diversity figure is (its class's ``note``), without loading its weights."""
-    import importlib
-
-    module, cls = DIVERSITY_METRICS[metric]
-    return getattr(getattr(importlib.import_module(module), cls), "note", "")
-
-
-@torch.no_grad()
-def _score_images(s: PromptSetRun, m: Model, metrics: list[str], built: dict, store: ImageStore, R: int,
-                  rank: int, world: int, chunk_size: int) -> dict:
-    n = len(s.prompts)
-    scorers = [k for k in metrics if k not in DIVERSITY_METRICS]
-    diversities = [k for k in metrics if k in DIVERSITY_METRICS]
-    sums = torch.zeros(n, len(metrics), dtype=torch.float64)
-    counts = torch.zeros(n, len(metrics), dtype=torch.float64)
-    nonfinite = torch.zeros(len(metrics), dtype=torch.float64)
-    embeddings: dict[tuple[int, str], list[torch.Tensor]] = {}
-    items = [(i, r) for i in range(rank, n, world) for r in range(R)]
-    for start in range(0, len(items), chunk_size):
-        chunk = items[start:start + chunk_size]
-        prompts = [s.prompts[i] for i, _ in chunk]
-        images = torch.stack([store.read(s.spec.name, m.name, i, r) for i, r in chunk])
-        for metric in scorers:
-            k = metrics.index(metric)
-            v = built[metric](prompts, images).float().cpu()
-            nonfinite[k] += report_nonfinite(metric, prompts, v)
-            for (i, _), x in zip(chunk, v.tolist()):
-                if x == x and abs(x) != float("inf"):
-                    sums[i, k] += x
-                    counts[i, k] += 1
-        for metric in diversities:
-            emb = built[metric].embed_images(images).float().cpu()
-            for (i, _), e in zip(chunk, emb):
-                embeddings.setdefault((i, metric), []).append(e)
-    from fdfo.rewards import mean_pairwise_distance
-
-    for (i, metric), embs in embeddings.items():
-        k = metrics.index(metric)
-        d = float(mean_pairwise_distance(torch.stack(embs)))
-        if d == d and abs(d) != float("inf"):
-            sums[i, k], counts[i, k] = d, 1
-        else:
-            nonfinite[k] += 1
-    sums, counts, nonfinite = (distributed.sum_over_ranks(t) for t in (sums, counts, nonfinite))
-    return {metric: {"sums": sums[:, k].tolist(), "counts": [int(c) for c in counts[:, k].tolist()],
-                     "nonfinite": int(nonfinite[k])} for k, metric in enumerate(metrics)}
-
-
-def summarize(entry: dict) -> tuple[float, list[float]]:
-    """Mean over all finite values (a diversity metric: over prompts) and the per-prompt means (NaN: none)."""
-    total, count = sum(entry["sums"]), sum(entry["counts"])
-    per_prompt = [x / c if c else float("nan") for x, c in zip(entry["sums"], entry["counts"])]
-    return (total / count if count else float("nan")), per_prompt
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def results_json(plan: Plan, values: dict, notes: dict, world: int, seconds: float) -> dict:
-    metrics, per_prompt, nonfinite = {}, {}, {}
-    for s in plan.sets:
-        rows = [{"prompt": p} for p in s.prompts]
-        for metric in s.metrics:
-            label, _ = protocols.column(metric)
-            entry = {"set": s.spec.name, "label": label, "values": {}, "note": notes.get(metric),
-                     "reference": plan.protocol.reference.get(metric)}
-            for m in plan.models:
-                if (s.spec.name, m.name, metric) not in values:
-                    continue
-                v = values[(s.spec.name, m.name, metric)]
-                mean, pp = summarize(v)
-                entry["values"][m.name] = mean
-                nonfinite.setdefault(m.name, {})[metric] = v["nonfinite"]
-                for row, x in zip(rows, pp):
-                    row.setdefault(m.name, {})[metric] = x
-            metrics[metric] = entry
-        per_prompt[s.spec.name] = rows
-    st = plan.settings
-    return {
-        "protocol": plan.protocol.name, "title": plan.protocol.title, "model": st["model"],
-        "models": [{"name": m.name, "checkpoint": str(m.ckpt.path) if m.ckpt else None} for m in plan.models],
-        "sampler": "deterministic Euler", **{k: st.get(k) for k in SAMPLER_KEYS}, "repeats": plan.repeats,
-        "seeds": plan.seeds,
-        "prompt_sets": {s.spec.name: {"title": s.spec.title, "file": s.file, "prompts": len(s.prompts),
-                                      "in_file": s.available, "protocol_size": s.spec.size, "metrics": s.metrics}
-                        for s in plan.sets},
-        "metrics": metrics, "notes": notes, "nonfinite": nonfinite,
-        "reference": {"label": plan.protocol.reference_label, "values": dict(plan.protocol.reference)},
-        "world_size": world, "seconds": round(seconds, 2), "per_prompt": per_prompt,
-    }
-
-
-def markdown_table(results: dict) -> str:
-    """protocol.md: a row per model and the reference row, a column per metric; n/a with a footnote."""
-    metrics = results["metrics"]
-    names = list(metrics)
-    footnotes: list[str] = []
-
-    def mark(text: str) -> str:
-        if text not in footnotes:
-            footnotes.append(text)
-        return f"[{footnotes.index(text) + 1}]"
-
-    def cell(metric: str, value) -> str:
-        if value is None or value != value:
-            note = metrics[metric]["note"] or "no finite value"
-            return "n/a " + mark(f"{metrics[metric]['label']}: {note}")
-        return f"{value:.{protocols.column(metric)[1]}f}"
-
-    head = "| model | " + " | ".join(metrics[n]["label"] for n in names) + " |"
-    title = results["title"]
-    lines = [f"# {title[:1].upper() + title[1:]}", "",
-             f"Base model `{results['model']}`; {results['sampler']} sampler, {results['steps']} steps, guidance "
-             f"{results['guidance']}" + (" (no CFG)" if results["guidance"] == 1.0 else "")
-             + f"; {results['repeats']} images per prompt (seeds {results['seeds'][0]}-{results['seeds'][-1]}).", "",
-             head, "|---|" + "---:|" * len(names)]
-    checkpoints = {m["name"]: m["checkpoint"] for m in results["models"]}
-    for m in results["models"]:
-        row = [cell(n, metrics[n]["values"].get(m["name"], float("nan"))) for n in names]
-        lines.append(f"| {m['name']} | " + " | ".join(row) + " |")
-    ref = results["reference"]
-    if ref["values"]:
-        row = [f"{ref['values'][n]:.{protocols.column(n)[1]}f}" if n in ref["values"] else "-" for n in names]
-        lines.append(f"| **{ref['label']}** (to beat) | " + " | ".join(row) + " |")
-    lines += ["", "Prompt sets:", ""]
-    for name, s in results["prompt_sets"].items():
-        cols = ", ".join(metrics[n]["label"] for n in s["metrics"])
-        taken = (f"all {s['prompts']:,} prompts" if s["prompts"] == s["in_file"]
-                 else f"the first {s['prompts']:,} of the {s['in_file']:,} prompts")
-        size = f" (the protocol's size: {s['protocol_size']:,})" if s["protocol_size"] else ""
-        lines.append(f"- {cols} on {s['title']}: {taken} in `{s['file']}`{size}, × {results['repeats']} images.")
-    lines += ["", "Models:", ""]
-    lines += [f"- {name}: " + (f"checkpoint `{path}`" if path else "the base model, no checkpoint")
-              for name, path in checkpoints.items()]
-    notes = []
-    if ref["values"]:
-        missing = [metrics[n]["label"] for n in names if n not in ref["values"]]
-        if missing:
-            notes.append(f"`-` in the published row: no published value ({', '.join(missing)}).")
-    notes += [f"{metrics[n]['label']}: {metrics[n]['note']}." for n in names
-              if n in DIVERSITY_METRICS and metrics[n]["values"] and metrics[n]["note"]]
-    notes += [f"[{k + 1}] {text}" for k, text in enumerate(footnotes)]
-    if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def write_grid(plan: Plan, store: ImageStore, path: Path, prompts_per_set: int) -> None:
-    """grid.png: the first prompts of each set (rows) × each model's first two repeats (columns)."""
-    shown = min(2, plan.repeats)
-    rows, labels = [], []
-    for s in plan.sets:
-        for i in range(min(prompts_per_set, len(s.prompts))):
-            rows.append([store.read(s.spec.name, m.name, i, r) for m in plan.models for r in range(shown)])
-            labels.append(f"[{s.spec.name}] {s.prompts[i]}")
-    if rows:
-        cols = [f"{m.name} seed {plan.seeds[r]}" for m in plan.models for r in range(shown)]
-        image = gen.image_grid(rows, labels, cols)
-        atomic.write_file(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------- the run
@@ -614,14 +132,14 @@ def run(args, proto: protocols.Protocol, rank: int, world: int) -> int:
         raise ValueError(error)
     distributed.barrier()  # settings.json is written and stale temporary files are gone
     store = ImageStore(plan.out / "images")
-    if not generate_missing(plan, args, store, rank, world):
+    if not generate_missing(plan, store, rank, world, args.max_new_images):
         distributed.print0(f"stopped after --max-new-images {args.max_new_images} new images on a rank; rerun the "
                            "same command to continue")
         return 0
     distributed.barrier()  # every rank's images are on disk
     error = None
     try:
-        values, notes = score(plan, args, store, rank, world)
+        values, notes = score(plan, store, rank, world)
     except (FileNotFoundError, ValueError) as exc:  # (an image that other ranks cannot see, or cannot read)
         error, values, notes = str(exc), {}, {}
     error = distributed.first_error(error)
@@ -638,6 +156,3 @@ def run(args, proto: protocols.Protocol, rank: int, world: int) -> int:
         print(table)
         print(f"[fdfo] table -> {plan.out / 'protocol.md'}, values -> {plan.out / 'protocol.json'}")
     return 0
-
-
-__all__ = ["main", "markdown_table", "parse_args", "prepare", "run"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fdfo import atomic
+from fdfo.images import to_pil
 
 PNG_START = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that closes every PNG
@@ -49,8 +50,6 @@ class ImageStore:
 
     def write(self, set_name: str, model: str, prompt: int, repeat: int, image: torch.Tensor) -> None:
         """Image [C, H, W] in [0, 1] (one channel: a grey PNG), atomically."""
-        from fdfo.generate import to_pil
-
         pil = to_pil(image)
         atomic.write_file(self.path(set_name, model, prompt, repeat), lambda tmp: pil.save(tmp, format="PNG"))
 

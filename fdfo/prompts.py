@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fdfo import tasks
-from fdfo.config import ConfigError
+from fdfo.errors import ConfigError
 
 
 def load_prompts(spec: str) -> list[str]:

@@ -12,7 +12,7 @@ each checkpoint), scores the images with the set's metrics and writes one table.
                 its training prompts, its held-out judge and CLIP diversity on a second set
 
 The sampler is not part of a protocol: it is the deterministic Euler sampler with the settings
-``fdfo.generate.sampling_defaults`` gives (the checkpoint's run config, else the published ones).
+``fdfo.inference.sampling_defaults`` gives (the checkpoint's run config, else the published ones).
 A task defines its own protocol beside its other parts (``fdfo.tasks.digits.PROTOCOL``).
 """
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fdfo.images import image_grid
+
 
 class RunReport:
     def __init__(self, out_dir: Path, cfg, enabled: bool, resumed: bool = False):
@@ -130,8 +132,6 @@ class RunReport:
         rows = min(rows, images.shape[0] // group)
         if not self.enabled or rows < 1:
             return
-        from fdfo.generate import image_grid
-
         cols = min(group, max_columns)
         r = [[float(rewards[i * group + c]) for c in range(cols)] for i in range(rows)]
         cells = [[images[i * group + c] for c in range(cols)] for i in range(rows)]

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdfo import distributed
 from fdfo.checkpoint import LATEST, STATE_TAG, TRAINER_FILE, latest_in
-from fdfo.config import ConfigError, RunConfig
+from fdfo.errors import ConfigError
+from fdfo.outputs import OutDirError, check_out_dir
+from fdfo.settings import RunConfig, migrate
 
 # What a run writes into log.out_dir; a directory holding any of these holds a run.
 RUN_ENTRIES = ("metrics.jsonl", "config.json", "checkpoints", "samples", "reward_curve.png", "tensorboard")
@@ -55,7 +56,10 @@ class Start:
 def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> Start:
     """Decide how the run starts, touching nothing (every rank runs it; they reach the same answer)."""
     out_dir = Path(cfg.log.out_dir)
-    _check_writable(out_dir)
+    try:
+        check_out_dir(out_dir, "log.out_dir")
+    except OutDirError as exc:
+        raise RunDirError(str(exc)) from None
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: --resume continues the run in "
                           f"'{out_dir}', --overwrite starts it over; give one")
@@ -77,7 +81,7 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
         raise RunDirError(f"resuming from '{checkpoint}', a checkpoint of another run, needs an empty log.out_dir; "
                           f"'{out_dir}' holds a run ({', '.join(held)}): choose another log.out_dir")
     saved = _read_trainer_state(checkpoint)
-    saved_config = saved.get("config") or {}
+    saved_config = migrate(saved.get("config") or {})  # (a checkpoint of an earlier version: its keys moved)
     fixed, changes = compare_configs(saved_config, cfg.to_dict())
     if saved.get("zero_stage") is not None:
         from fdfo.engine import zero_stage
@@ -140,24 +144,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _check_writable(out_dir: Path) -> None:
-    """log.out_dir is, or can become, a directory this process can write in (probed with a file)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"log.out_dir '{out_dir}' is a file, not a directory; give a directory for the run")
-    probe_in = out_dir
-    while not probe_in.exists():
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        raise RunDirError(f"log.out_dir '{out_dir}' cannot be created: '{probe_in}' is a file")
-    try:
-        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".fdfo-write-test-")
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        raise RunDirError(f"log.out_dir '{out_dir}' is not writable ({exc.strerror} in '{probe_in}'); give a "
-                          "directory you can write to") from None
 
 
 def _aside_name(out_dir: Path) -> Path:

@@ -8,11 +8,14 @@ apart, so that their endpoints differ by a small, reward-relevant amount.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
+
+from fdfo.config import above, at_least, check, choices
 
 Scalar = Union[float, torch.Tensor]  # a Python float or a per-row tensor [rows]
 
@@ -53,7 +56,60 @@ def churn_step(x: torch.Tensor, v: torch.Tensor, t: Scalar, s: Scalar, gamma: Sc
 
 # --------------------------------------------------------------------------- churn schedules
 
-CHURN_SCHEDULES = ("raw", "prior", "interval")
+@dataclass(frozen=True)
+class RawChurn:
+    """raw: the same γ at the prior and at every step but the last."""
+
+    weight: float = field(default=0.0025, metadata=check(at_least(0)))  # γ (the published default)
+
+
+@dataclass(frozen=True)
+class PriorChurn:
+    """prior: churn at the prior only, γ₀ = exp(w) − 1 with w = weight·exp(weight_sigma·z), z ~ N(0, 1)
+    drawn per pair."""
+
+    weight: float = field(default=0.1, metadata=check(at_least(0)))  # the median of w
+    # The spread of log w across pairs; 0 = the same w for every pair.
+    weight_sigma: float = field(default=1.0, metadata=check(at_least(0)))
+
+
+@dataclass(frozen=True)
+class IntervalChurn:
+    """interval: churn around one time per pair, a logit-normal bump over the σ grid scaled so that
+    log(1 + γ) sums to w = weight·exp(weight_sigma·z) over the grid."""
+
+    mu: float = 1.0  # the mean of the bump's centre, logit(σ) (1.0: σ ≈ 0.73)
+    # The std of the centre across pairs, in logit space; 0 = a fixed centre.
+    sigma: float = field(default=1.5, metadata=check(at_least(0)))
+    weight: float = field(default=1.0, metadata=check(at_least(0)))  # the median of w, the total log(1 + γ)
+    # The spread of log w across pairs; 0 = the same w for every pair.
+    weight_sigma: float = field(default=0.0, metadata=check(at_least(0)))
+    soft_sigma: float = field(default=0.25, metadata=check(above(0)))  # the bump's width, the logit-normal scale
+
+
+# name -> its parameters; the churn section has one subsection of each.
+SCHEDULES: dict[str, type] = {"raw": RawChurn, "prior": PriorChurn, "interval": IntervalChurn}
+CHURN_SCHEDULES = tuple(SCHEDULES)
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    """Fresh noise ("churn") that makes the two rows of a pair drift apart (docs/algorithm.md §1.4): the
+    schedule, and each schedule's parameters (only the chosen schedule's are read)."""
+
+    # The schedule: raw, prior or interval (the subsection of that name holds its parameters).
+    schedule: str = field(default="raw", metadata=choices(*SCHEDULES, replaced={
+        "first": "the published 'prior' schedule (churn at the prior only, churn.prior.*)",
+        "logit_normal": "the published 'interval' schedule (churn around one random time per pair, churn.interval.*)"}))
+    raw: RawChurn = field(default_factory=RawChurn)
+    prior: PriorChurn = field(default_factory=PriorChurn)
+    interval: IntervalChurn = field(default_factory=IntervalChurn)
+
+    def amounts(self, sigmas: torch.Tensor, rows: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen schedule's per-row churn amounts (``churn_schedule``)."""
+        params = dataclasses.asdict(getattr(self, self.schedule))
+        return churn_schedule(self.schedule, sigmas=sigmas, rows=rows, generator=generator, **params)
 
 
 def _pair_draws(pairs: int, mean: float, std: float, generator: torch.Generator | None) -> torch.Tensor:

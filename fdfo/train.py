@@ -26,8 +26,13 @@ DEFAULT_JOB = "builtin:digits"
 def parse_args(argv: list[str]):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fdfo/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def format_help(self) -> str:  # every setting, read from the config dataclasses when --help asks
+            from fdfo.reference import help_text
+
+            return f"{super().format_help()}\n{help_text()}\n"
+
+    parser = Parser(prog="fdfo/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_JOB,
                         help=f"YAML run config, or a built-in task's default job (default: {DEFAULT_JOB})")
     start = parser.add_mutually_exclusive_group()
@@ -45,22 +50,25 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     from fdfo import tasks
-    from fdfo.config import ConfigError, build_config, load_yaml, parse_overrides
+    from fdfo.config import load_yaml, parse_overrides
+    from fdfo.errors import ConfigError
+    from fdfo.settings import build_config
 
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        base = tasks.preset(args.config) if tasks.is_builtin(args.config) else load_yaml(args.config)
+        builtin = tasks.is_builtin(args.config)
+        preset = tasks.preset(args.config) if builtin else None  # a task's default job: defaults of its own
         cli = parse_overrides(rest)
         if args.algorithm:
             cli.setdefault("train", {})["algorithm"] = args.algorithm
-        cfg = build_config(base, cli)
+        cfg = build_config(None if builtin else load_yaml(args.config), cli, under=preset)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"fdfo: config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
+        from fdfo.reference import commented_yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(commented_yaml(cfg), end="")
         return 0
     if args.config == DEFAULT_JOB:
         print(f"[fdfo] running the built-in default job ({DEFAULT_JOB}; --config FILE.yaml for your own)",

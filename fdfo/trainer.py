@@ -20,20 +20,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fdfo import adapters, algorithms, distributed, run_dir, tasks
-from fdfo.algorithms.base import Policy, derive_seed
+from fdfo import adapters, algorithms, distributed, run_dir, settings, tasks
+from fdfo.algorithms.base import Policy
 from fdfo.checkpoint import CheckpointManager
-from fdfo.config import ConfigError, RunConfig
+from fdfo.context import RunContext, Stream
 from fdfo.engine import Engine
+from fdfo.errors import ConfigError
 from fdfo.gpu_stats import GpuStats
 from fdfo.models import family_for, load_flow_model
 from fdfo.prompts import load_prompts
 from fdfo.report import RunReport
 from fdfo.rewards import build_reward, build_weighted_reward
 from fdfo.sampling import sample_deterministic
+from fdfo.settings import RunConfig
 
-SHUFFLE_STREAM = 7  # derive_seed stream of the epoch's global permutation
-ADAPTER_STREAM = 9  # derive_seed stream of the LoRA initialisation
 DIVERSITY_SIDE = 64  # eval/pixel_diversity compares images area-downsampled to at most this many pixels a side
 
 
@@ -65,6 +65,36 @@ def _diversity_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1).double()
 
 
+def settle_model_settings(cfg: RunConfig) -> tuple[RunConfig, Path | None, type]:
+    """Before anything is written: the model family's checks (its own section, the attention backend; only
+    model_index.json is read), and the adapted modules made explicit (the starting adapter's, else the
+    family's default) so that the saved config and the resume checks hold what is trained. Returns the
+    settled config, the local directory of ``lora.init_adapter`` (fetched from the hub if it names a
+    repository subfolder) or None, and the model family."""
+    family = family_for(cfg.model)
+    settings.check_family(cfg, family)
+    path, lora = None, {}
+    if cfg.lora.init_adapter:
+        path = adapters.locate(cfg.lora.init_adapter)
+        if not adapters.is_peft_adapter(path):
+            raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' is not a peft adapter directory "
+                              f"({adapters.CONFIG_FILE} and {adapters.WEIGHTS_FILE}); give one, e.g. a "
+                              "checkpoint's adapter/ folder or a published adapter's folder")
+        peft_cfg = adapters.read_config(path)
+        targets = peft_cfg.target_modules  # a list (peft may hold a set), or a regular expression
+        if not isinstance(targets, (list, set, tuple)):
+            raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' names its target modules by a regular "
+                              f"expression ({targets!r}); fdfo records an adapter's modules as a list: save the "
+                              "adapter with target_modules as a list of module names")
+        lora = {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha), "target_modules": sorted(targets)}
+        for key, value in lora.items():
+            if getattr(cfg.lora, key) not in (None, value):
+                distributed.print0(f"lora.{key}: {getattr(cfg.lora, key)!r} -> {value!r}, the starting adapter's")
+    if cfg.lora.target_modules is None and "target_modules" not in lora:
+        lora["target_modules"] = list(family.LORA_TARGETS)
+    return (settings.with_overrides(cfg, {"lora": lora}) if lora else cfg), path, family
+
+
 class TrainingError(RuntimeError):
     """The run could not train (e.g. every epoch's rewards were non-finite); the message says why."""
 
@@ -79,21 +109,24 @@ class Trainer:
         self.layout = algorithm.layout_for(cfg, distributed.launched_world_size())
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts or cfg.data.prompts)
-        init_adapter = self._settle_model_settings(cfg)
+        cfg, init_adapter, family = settle_model_settings(cfg)
+        self.cfg = cfg
         tasks.check_build(cfg.model.path, cfg.model.cache_dir)
         plan = run_dir.plan(cfg, resume, overwrite)
-        self.device = distributed.init()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        device = distributed.init()
+        self.ctx = RunContext(rank=distributed.rank(), world_size=distributed.world_size(), device=device,
+                              progress=cfg.log.progress and distributed.rank() == 0, seed=cfg.train.seed)
+        self.rank, self.world_size, self.device, self.progress = (self.ctx.rank, self.ctx.world_size, device,
+                                                                  self.ctx.progress)
         if self.world_size != distributed.launched_world_size():  # a launcher that set no WORLD_SIZE
             self.layout = algorithm.layout_for(cfg, self.world_size)
         start = run_dir.prepare(plan)
         self.out_dir = start.out_dir
-        self.progress = cfg.log.progress and self.rank == 0
-        torch.manual_seed(cfg.train.seed)
 
         # Built-in models and reward weights are created once, by rank 0; the other ranks then load them.
         with distributed.rank0_first():
-            self.model = load_flow_model(cfg.model, self.device, shift=cfg.sampling.shift, progress=self.progress)
+            self.model = load_flow_model(cfg.model, self.device, options=settings.family_options(cfg, family),
+                                         shift=cfg.sampling.shift, progress=self.progress)
             reward_device = torch.device(cfg.reward.device) if cfg.reward.device else self.device
             self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, reward_device,
                                                 cfg.model.cache_dir,
@@ -103,19 +136,21 @@ class Trainer:
                                                     cfg.model.cache_dir, batch_size=cfg.reward.batch_size)
                                  for name in cfg.eval.metrics}
         if cfg.lora.enabled:
-            # Seeded here, not only at start-up: building a base model on first use (a built-in task's
-            # pretraining) draws from the same generator, and the adapter must not depend on the cache.
-            torch.manual_seed(derive_seed(cfg.train.seed, ADAPTER_STREAM))
             if init_adapter is not None:
                 self.model.load_adapter(init_adapter, trainable=True)
             else:
-                self.model.add_lora(cfg.lora)
+                # peft draws the new adapter from torch's global generator: seeded from the adapter's
+                # stream inside a fork, so the caller's generator is left as it was.
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+                    torch.manual_seed(self.ctx.seed_of(Stream.ADAPTER))
+                    self.model.add_lora(cfg.lora)
         else:
             self.model.enable_full_finetune()
         if cfg.train.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.engine = Engine(cfg, self.model, self.layout)
-        self.policy = Policy(cfg, self.model, self.engine, self.device)
+        self.policy = Policy(cfg, self.model, self.engine, self.ctx)
         self.algorithm = algorithm(cfg, self.policy, self.prompts, self.layout)
         self.gpu_stats = GpuStats(self.device)
 
@@ -129,34 +164,6 @@ class Trainer:
             self.report.resume(state["history"], self.epoch)
             distributed.print0(f"resumed from {start.checkpoint} at epoch {self.epoch} (learning rate "
                                f"{cfg.train.learning_rate:g})")
-
-    @staticmethod
-    def _settle_model_settings(cfg: RunConfig) -> Path | None:
-        """Before anything is written: the model family's checks (its own ``model.*`` keys, the attention
-        backend; only model_index.json is read), and the adapted modules made explicit in the config (the
-        starting adapter's, else the family's default) so that the saved config and the resume checks hold
-        what is trained. Returns the local directory of ``lora.init_adapter`` (fetched from the hub if it
-        names a repository subfolder), or None."""
-        family = family_for(cfg.model)
-        family.check_options(cfg.model)
-        path = None
-        if cfg.lora.init_adapter:
-            path = adapters.locate(cfg.lora.init_adapter)
-            if not adapters.is_peft_adapter(path):
-                raise ConfigError(f"lora.init_adapter '{cfg.lora.init_adapter}' is not a peft adapter directory "
-                                  f"({adapters.CONFIG_FILE} and {adapters.WEIGHTS_FILE}); give one, e.g. a "
-                                  "checkpoint's adapter/ folder or a published adapter's folder")
-            peft_cfg = adapters.read_config(path)
-            targets = peft_cfg.target_modules  # a list (peft may hold a set), or a regular expression
-            theirs = {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
-                      "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets}
-            for key, value in theirs.items():
-                if getattr(cfg.lora, key) not in (None, value):
-                    distributed.print0(f"lora.{key}: {getattr(cfg.lora, key)!r} -> {value!r}, the starting adapter's")
-                setattr(cfg.lora, key, value)
-        if cfg.lora.target_modules is None:
-            cfg.lora.target_modules = list(family.LORA_TARGETS)
-        return path
 
     # ------------------------------------------------------------------ the epoch
 
@@ -215,9 +222,7 @@ class Trainer:
     def my_elements(self, epoch: int) -> torch.Tensor:
         """This rank's slice of the epoch's global permutation of training elements, in training order."""
         E = self.layout.elements_per_rank
-        perm = torch.randperm(E * self.world_size,
-                              generator=torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch,
-                                                                                  SHUFFLE_STREAM)))
+        perm = torch.randperm(E * self.world_size, generator=self.ctx.generator(Stream.SHUFFLE, epoch))
         # Guard: every rank must draw the same permutation, or elements would be trained twice or never.
         checksum = float((perm[:4096].double() * torch.arange(min(4096, perm.numel()))).sum())
         if abs(distributed.sum_over_ranks([checksum])[0] / self.world_size - checksum) > 0.5:

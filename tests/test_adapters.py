@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from fdfo import adapters
-from fdfo.config import ConfigError, LoraConfig, build_config
-from fdfo.generate import apply_checkpoint, generate_images, resolve_checkpoint
+from fdfo.config import LoraConfig
+from fdfo.errors import ConfigError
+from fdfo.inference import generate_images
 from fdfo.models import SD3FlowModel
+from fdfo.settings import build_config
+from fdfo.trained_checkpoint import apply_checkpoint, resolve_checkpoint
 
 # The published adapters' targets: the joint attention projections of every block (SD3.5 Medium).
 PUBLISHED_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -102,7 +105,8 @@ def test_a_run_starts_from_a_published_adapter(tmp_path, tiny_pipeline_dir, digi
     cfg = tiny_run(tmp_path / "run", tiny_pipeline_dir, digit_reward_dir,
                    **dict(QUIET, train={"epochs": 1}, lora={"init_adapter": str(tmp_path / "published")}))
     t = Trainer(cfg)
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules) == (8, 16.0, sorted(PUBLISHED_TARGETS))
+    assert (t.cfg.lora.rank, t.cfg.lora.alpha, t.cfg.lora.target_modules) == (8, 16.0, sorted(PUBLISHED_TARGETS))
+    assert (cfg.lora.rank, cfg.lora.target_modules) == (4, None)  # the given config is left as it was
     start = lora_weights(t)
     assert start.keys() == weights.keys()
     for k in weights:
@@ -130,13 +134,13 @@ def test_an_adapter_on_the_hub_is_fetched_by_repository_and_subfolder(tmp_path, 
 
 
 def test_adapter_mistakes_are_one_line_errors(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
-    from fdfo import generate
+    from fdfo import generate, inference
     from fdfo.models import tiny
 
     other = tmp_path / "other_base"  # a base model whose attention is narrower: its adapter does not fit
     tiny.build_tiny_sd3_pipeline(attention_head_dim=8).save_pretrained(other)
     _published_adapter(other, tmp_path / "wide", 2)
-    monkeypatch.setattr(generate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(inference, "load_model", lambda *a: pytest.fail("the model was loaded"))
     args = ["--model", str(tiny_pipeline_dir), "--prompt", "a cat", "--out", str(tmp_path / "out")]
     capsys.readouterr()
     assert generate.main(["--adapter", str(tmp_path / "wide"), *args]) == 1

@@ -58,7 +58,8 @@ def test_flux1_dev_flavour_is_the_published_transformer():
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.in_channels, cfg.joint_attention_dim,
             cfg.pooled_projection_dim, cfg.guidance_embeds) == (24, 128, 64, 4096, 768, True)
     assert sum(cfg.axes_dims_rope) == cfg.attention_head_dim
-    targets = flavours.lora_targets("flux1-dev", model)
+    flow = FluxFlowModel.from_transformer(model, device=torch.device("meta"), dtype=torch.float32)
+    targets = flow.lora_targets(list(FluxFlowModel.LORA_TARGETS))  # what add_lora adapts by default
     hits = {n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
     assert "proj_out" not in hits
     double = [f"transformer_blocks.{i}.attn.{p}" for i in range(19) for p in
@@ -69,8 +70,9 @@ def test_flux1_dev_flavour_is_the_published_transformer():
 
 
 def test_bench_zero_runs_and_inputs():
-    """bench_zero's --arch list (each at --stage or its own NAME:STAGES) and the transformer inputs it
-    builds per family: a forward on the meta device of FLUX.1 [dev] and SD3.5 Large at 512²."""
+    """bench_zero's --arch list (each at --stage or its own NAME:STAGES) and the training inputs it
+    builds per family: the flow model's velocity on the meta device of FLUX.1 [dev] and SD3.5 Large at 512²
+    (tests/test_bench_models.py compares the velocity with training's at the tiny sizes)."""
     import pytest
 
     from benchmarks.bench_zero import parse_runs, step_inputs
@@ -82,14 +84,13 @@ def test_bench_zero_runs_and_inputs():
                        ("tiny:4", "stages are 0, 1, 2 or 3")):
         with pytest.raises(ValueError, match=match):
             parse_runs([bad], [0])
-    for name, tokens, shape in (("flux1-dev", 512, (2, 1024, 64)), ("sd35-large", 333, (2, 16, 64, 64))):
-        g = torch.Generator().manual_seed(0)
-        inputs = step_inputs(name, 2, 64, tokens, torch.float32, torch.device("cpu"), g)
-        with torch.device("meta"):
-            model = flavours.build(name)
-        meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in inputs.items()}
-        assert tuple(model(**meta, return_dict=False)[0].shape) == shape
-    assert inputs["timestep"].max() > 1  # SD3 takes 1000·σ; FLUX σ itself (with the guidance 3.5)
-    flux = step_inputs("flux1-dev", 2, 64, 512, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert flux["timestep"].max() <= 1 and torch.equal(flux["guidance"], torch.full((2,), 3.5))
-    assert flux["img_ids"].shape == (1024, 3) and flux["txt_ids"].shape == (512, 3)
+    meta = torch.device("meta")
+    shape = (2, 16, 64, 64)  # both take 16 latent channels (FLUX packs them 2×2 in its transformer call)
+    for name, tokens in (("flux1-dev", 512), ("sd35-large", 333)):
+        model = flavours.flow_model(name, meta, torch.bfloat16)
+        x, sigma, cond = step_inputs(model, 2, 64, tokens, torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert (x.shape, sigma.shape, cond.embeds.shape[1]) == (shape, (2,), tokens)
+        assert (x.dtype, sigma.dtype, cond.embeds.dtype, cond.pooled.dtype) == (torch.float32, torch.float32,
+                                                                                torch.bfloat16, torch.bfloat16)
+        v = model.velocity(x.to(meta), sigma.to(meta), cond.to(meta))
+        assert (v.shape, v.dtype) == (shape, torch.float32)

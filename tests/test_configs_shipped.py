@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fdfo import algorithms
-from fdfo.config import build_config, load_yaml
+from fdfo.config import load_yaml
+from fdfo.settings import build_config, check_family, with_overrides
 from fdfo.engine import deepspeed_config, zero_stage
 from fdfo.models import FAMILIES
 
@@ -33,7 +34,7 @@ def test_shipped_config_builds_checks_and_divides(name, monkeypatch, capsys):
     assert main(["--config", path, "--print-config"]) == 0, capsys.readouterr().err
     cfg = build_config(load_yaml(path))
     family = next(f for f in FAMILIES if f.family == FAMILY[name])
-    family.check_options(cfg.model)  # no other family's keys, a backend the family applies
+    check_family(cfg, family)  # no other family's keys, a backend the family applies
     algorithm = algorithms.get(cfg.train.algorithm)
     for world in WORLD_SIZES:
         layout = algorithm.layout_for(cfg, world)
@@ -49,15 +50,14 @@ def test_large_model_configs():
     guidance is set where FLUX reads it, and the offload variant the SD3.5 Large config names exists."""
     flux = build_config(load_yaml(ROOT / "configs/flux1_dev.yaml"))
     assert flux.model.path == "black-forest-labs/FLUX.1-dev"
-    assert (flux.model.resolution, flux.model.flux_guidance, flux.sampling.guidance_scale) == (512, 3.5, 1.0)
+    assert (flux.model.resolution, flux.flux.guidance, flux.sampling.guidance_scale) == (512, 3.5, 1.0)
     assert flux.model.max_sequence_length <= 512  # FLUX's T5 limit
     large = build_config(load_yaml(ROOT / "configs/sd35_large.yaml"))
-    assert large.model.path == "stabilityai/stable-diffusion-3.5-large" and large.model.flux_guidance is None
+    assert large.model.path == "stabilityai/stable-diffusion-3.5-large" and large.flux.guidance == 3.5
     for cfg in (flux, large):
         assert cfg.deepspeed.config == "configs/ds/zero3.json" and cfg.train.gradient_checkpointing
-        cfg.deepspeed.config = str(ROOT / cfg.deepspeed.config)
-        assert zero_stage(cfg) == 3
+        assert zero_stage(with_overrides(cfg, {"deepspeed": {"config": str(ROOT / cfg.deepspeed.config)}})) == 3
     assert "configs/ds/zero3_offload.json" in (ROOT / "configs/sd35_large.yaml").read_text()
-    large.deepspeed.config = str(ROOT / "configs/ds/zero3_offload.json")
+    large = with_overrides(large, {"deepspeed": {"config": str(ROOT / "configs/ds/zero3_offload.json")}})
     ds = deepspeed_config(large, algorithms.get("fdfo").layout_for(large, 8), 8)
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -34,27 +34,27 @@ def sweep_runs(out):
                         [0.70, 0.80, 0.92, 0.93], [0.20, 0.19, 0.18, 0.17])  # diversity 0.85 × base
     write_run(out, "fdfo", {"train.learning_rate": "0.003"}, 0,  # the most accurate, but collapsed
               [0.70, 0.90, 0.97, 0.99], [0.20, 0.10, 0.05, 0.02])
-    write_run(out, "flow_grpo", {"grpo.clip_range": "0.001"}, 0, [0.70, 0.75, 0.80, 0.85], [0.20] * 4)
-    write_run(out, "flow_grpo", {"grpo.clip_range": "0.01"}, 0, [0.70, 0.72, 0.74, 0.76], [0.20, 0.2, 0.19, 0.18])
+    write_run(out, "flow_grpo", {"flow_grpo.clip_range": "0.001"}, 0, [0.70, 0.75, 0.80, 0.85], [0.20] * 4)
+    write_run(out, "flow_grpo", {"flow_grpo.clip_range": "0.01"}, 0, [0.70, 0.72, 0.74, 0.76], [0.20, 0.2, 0.19, 0.18])
     return fdfo_ok
 
 
 def test_grid_plan_names_and_values():
-    runs = cv.plan(["fdfo", "flow_grpo"], ["fdfo:train.learning_rate=3e-4,1e-3", "fdfo:train.clip_range=0.03,0.1,0.3",
-                                           "flow_grpo:grpo.clip_range=1e-4,1e-2", "eval.every=1"],
+    runs = cv.plan(["fdfo", "flow_grpo"], ["fdfo:train.learning_rate=3e-4,1e-3", "fdfo:fdfo.clip_range=0.03,0.1,0.3",
+                                           "flow_grpo:flow_grpo.clip_range=1e-4,1e-2", "eval.every=1"],
                    ["flow_grpo:train.learning_rate=3e-3"], [0, 1])
     fdfo = [r for r in runs if r[0] == "fdfo"]
     grpo = [r for r in runs if r[0] == "flow_grpo"]
     assert len(fdfo) == 2 * 3 * 2 and len(grpo) == 2 * 2  # cartesian product per method, times seeds
-    assert grpo[0][1] == {"eval.every": "1", "grpo.clip_range": "0.0001", "train.learning_rate": "0.003"}
+    assert grpo[0][1] == {"eval.every": "1", "flow_grpo.clip_range": "0.0001", "train.learning_rate": "0.003"}
     names = {cv.run_dir_name(*r) for r in runs}
     assert len(names) == len(runs)  # one directory per run
-    assert "fdfo__eval.every=1__train.clip_range=0.03__train.learning_rate=0.0003__seed1" in names
+    assert "fdfo__eval.every=1__fdfo.clip_range=0.03__train.learning_rate=0.0003__seed1" in names
     # 1e-3 and 0.001 are the same setting, hence the same directory.
     assert cv.plan(["fdfo"], ["fdfo:train.learning_rate=1e-3"], [], [0]) == \
         cv.plan(["fdfo"], [], ["fdfo:train.learning_rate=0.001"], [0])
     cmd = cv.command("fdfo", grpo[0][1], 0, 5, cv.ROOT / "x", [])
-    assert cmd[cmd.index("--grpo.clip_range") + 1] == "0.0001"
+    assert cmd[cmd.index("--flow_grpo.clip_range") + 1] == "0.0001"
     for bad in (["fdfo:lr=1"], ["sd3:train.seed=1"], ["fdfo:train.seed="]):
         with pytest.raises(SystemExit):
             cv.plan(["fdfo"], bad, [], [0])
@@ -77,17 +77,17 @@ def test_reach_and_seconds_by_hand(tmp_path):
 def test_select_skips_the_collapsed_setting(tmp_path, capsys):
     sweep_runs(tmp_path)
     cv.main(["--out", str(tmp_path), "--epochs", "3", "--select", "--grid",
-             "fdfo:train.learning_rate=1e-3,3e-3", "flow_grpo:grpo.clip_range=1e-3,1e-2"])
+             "fdfo:train.learning_rate=1e-3,3e-3", "flow_grpo:flow_grpo.clip_range=1e-3,1e-2"])
     text = capsys.readouterr().out
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| fdfo") or
             line.startswith("| flow_grpo")}
     assert "collapsed" in rows["train.learning_rate=0.003"] and "selected" not in rows["train.learning_rate=0.003"]
     assert "**selected**" in rows["train.learning_rate=0.001"]
-    assert "**selected**" in rows["grpo.clip_range=0.001"] and "selected" not in rows["grpo.clip_range=0.01"]
+    assert "**selected**" in rows["flow_grpo.clip_range=0.001"] and "selected" not in rows["flow_grpo.clip_range=0.01"]
     assert "| 256 | 11 |" in rows["train.learning_rate=0.001"]  # images and seconds to reach 90%
-    assert "| never | never |" in rows["grpo.clip_range=0.001"]
+    assert "| never | never |" in rows["flow_grpo.clip_range=0.001"]
     assert (f"seeds run: python benchmarks/convergence.py --epochs 3 --seeds 0 1 2 --out {tmp_path} --set "
-            "fdfo:train.learning_rate=0.001 flow_grpo:grpo.clip_range=0.001") in text
+            "fdfo:train.learning_rate=0.001 flow_grpo:flow_grpo.clip_range=0.001") in text
     assert (tmp_path / "convergence.png").is_file()
     assert len(json.loads((tmp_path / "results.json").read_text())) == 4
 

@@ -273,7 +273,7 @@ def test_output_directory_mistakes_are_found_before_loading(converted, tmp_path,
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert_one_line(*run_main([ckpt, a_file, "--arch", arch]), "is an existing file")
-    assert_one_line(*run_main([ckpt, a_file / "sub", "--arch", arch]), "cannot be written")
+    assert_one_line(*run_main([ckpt, a_file / "sub", "--arch", arch]), "cannot be created")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from fdfo.settings import with_overrides
 from tests.conftest import free_port
 from tests.test_train import tiny_run
 
@@ -37,7 +38,7 @@ def launch(ranks: int, cfg, tmp_path: Path, *extra: str, gather: bool = False,
     launcher process itself; tests/test_train.py runs the real launcher. ``gather``: the reference
     trainer that all-gathers the epoch's rows."""
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    path.write_text(yaml.safe_dump(cfg.read_dict()))
     port = free_port()
     procs = []
     for rank in range(ranks):
@@ -84,7 +85,7 @@ def odd_prompts(tmp_path_factory):
 
 def _cfg(out, tiny_pipeline_dir, digit_reward_dir, prompts, epochs):
     return tiny_run(out, tiny_pipeline_dir, digit_reward_dir,
-                    train={"epochs": epochs, "optimizer_steps_per_epoch": 1, "micro_batch_rows": 4},
+                    train={"epochs": epochs, "micro_batch_rows": 4}, fdfo={"optimizer_steps_per_epoch": 1},
                     data={"prompts": str(prompts)}, deepspeed={"config": str(ROOT / "configs/ds/zero3.json")},
                     eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False})
 
@@ -153,14 +154,14 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
     one = one_rank
     z2 = tmp_path / "z2"
     cfg = _cfg(z2, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=2)
-    cfg.deepspeed.config = str(ROOT / "configs/ds/zero2.json")
+    cfg = with_overrides(cfg, {"deepspeed": {"config": str(ROOT / "configs/ds/zero2.json")}})
     launch(2, cfg, tmp_path)
     w2, w1 = adapter(z2, 1), adapter(one, 1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
     # ZeRO-2 shards resume on 1 rank through the universal format too.
     resumed = tmp_path / "z2_on_1"
-    cfg.log.out_dir = str(resumed)
+    cfg = with_overrides(cfg, {"log": {"out_dir": str(resumed)}})
     out = launch(1, cfg, tmp_path, "--resume", str(z2 / "checkpoints" / "epoch_0001"))
     assert "converting it to DeepSpeed's universal format" in out
     w_resumed, w_z2 = adapter(resumed, 2), adapter(z2, 2)
@@ -171,7 +172,7 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
     # ZeRO-3 with parameters and optimizer offloaded to the CPU (DeepSpeed's CPU AdamW): the same step.
     off = tmp_path / "offload"
     cfg = _cfg(off, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1)
-    cfg.deepspeed.config = str(ROOT / "configs/ds/zero3_offload.json")
+    cfg = with_overrides(cfg, {"deepspeed": {"config": str(ROOT / "configs/ds/zero3_offload.json")}})
     launch(2, cfg, tmp_path)
     w_off = adapter(off, 1)
     assert any(w_off[k].abs().max() > 0 for k in w_off if "lora_B" in k)  # B starts at zero: the step happened
@@ -180,8 +181,7 @@ def test_zero2_offload_and_full_finetuning_under_zero3(tmp_path, tiny_pipeline_d
 
     full = tmp_path / "full"
     cfg = _cfg(full, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1)
-    cfg.lora.enabled = False
-    cfg.train.learning_rate = 1e-4
+    cfg = with_overrides(cfg, {"lora": {"enabled": False}, "train": {"learning_rate": 1e-4}})
     launch(2, cfg, tmp_path)
     trained = SD3Transformer2DModel.from_pretrained(str(full / "checkpoints" / "epoch_0001" / "transformer"))
     base = SD3Transformer2DModel.from_pretrained(str(tiny_pipeline_dir), subfolder="transformer")
@@ -196,9 +196,9 @@ def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline
     """Each rank fetches only the rows its slice of the global shuffle references: after an epoch the
     adapter is bit-identical to the one trained with every rank holding the whole epoch. On 2 ranks,
     FDFO also runs with its trajectories in host memory (exchanged in chunks of one row): the same again."""
-    sections = dict(train={"algorithm": algorithm, "epochs": 1, "optimizer_steps_per_epoch": 2,
-                           "micro_batch_rows": 4 if algorithm == "fdfo" else 3},
-                    grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0},
+    own = {"flow_grpo": {"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0}} if algorithm == "flow_grpo" else {}
+    sections = dict(train={"algorithm": algorithm, "epochs": 1, "micro_batch_rows": 4 if algorithm == "fdfo" else 3},
+                    **own,
                     eval={"every": 0, "metrics": []}, log={"plot_every": 0, "progress": False})
     runs = {}
     for gather in (False, True):
@@ -220,7 +220,7 @@ def test_exchanged_rows_train_exactly_like_gathered_ones(tmp_path, tiny_pipeline
             records(tmp_path / "exchange", "epoch")[0]["trajectory_device_mib"]
     if algorithm == "fdfo":  # rank 0 held its own xs, vs and its elements' fetched ones: 1/ranks of the epoch each
         cfg = tiny_run(tmp_path / "x", tiny_pipeline_dir, digit_reward_dir, **sections)
-        epoch_rows_steps = 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps
+        epoch_rows_steps = 2 * cfg.fdfo.pairs_per_epoch * cfg.sampling.steps
         latent_bytes = 4 * 8 * 8 * 4  # [4, 8, 8] fp32
         expected = 2 * 2 * epoch_rows_steps // ranks * latent_bytes / 2**20
         assert records(tmp_path / "exchange", "epoch")[0]["trajectory_mib"] == pytest.approx(expected)
@@ -230,7 +230,7 @@ def launch_nodes(nodes: int, cfg, tmp_path: Path, *extra: str) -> str:
     """``deepspeed fdfo/train.py`` as ``nodes`` nodes of one rank each, every node started by hand (no ssh:
     ``--no_ssh --node_rank``) on this machine with the master on 127.0.0.1, as a cluster's scheduler would."""
     path = tmp_path / f"{Path(cfg.log.out_dir).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    path.write_text(yaml.safe_dump(cfg.read_dict()))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(nodes)))
     port = free_port()
@@ -258,7 +258,7 @@ def test_two_nodes_train_save_and_resume_like_one_node(tmp_path, tiny_pipeline_d
     assert sorted(p.name for p in (ckpt / "state").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     resumed = tmp_path / "nodes_resumed"
-    cfg.log.out_dir = str(resumed)
+    cfg = with_overrides(cfg, {"log": {"out_dir": str(resumed)}})
     launch_nodes(2, cfg, tmp_path, "--resume", str(ckpt))
     for k in w_one:
         assert torch.equal(adapter(resumed, 2)[k], adapter(nodes, 2)[k]), k

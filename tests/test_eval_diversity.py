@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from fdfo.settings import with_overrides
 from tests.test_train import tiny_run
 
 
@@ -87,7 +88,7 @@ def test_evaluate_logs_the_diversity_of_its_own_images(tmp_path, tiny_pipeline_d
     assert f"eval/pixel_diversity={expected:.4g}" in trainer._summary(record)
 
     # Two images for two prompts: no prompt has a pair, so no diversity is recorded.
-    trainer.cfg.eval.num_images = 2
+    trainer.cfg = with_overrides(trainer.cfg, {"eval": {"num_images": 2}})
     assert "eval/pixel_diversity" not in trainer.evaluate(0)
 
     # Sharded over 2 ranks (simulated in this process: each rank's sums are recorded, then added up):
@@ -95,7 +96,7 @@ def test_evaluate_logs_the_diversity_of_its_own_images(tmp_path, tiny_pipeline_d
     from fdfo import distributed
     from fdfo.trainer import pixel_diversity
 
-    trainer.cfg.eval.num_images = 5
+    trainer.cfg = with_overrides(trainer.cfg, {"eval": {"num_images": 5}})
     seen.clear()
     trainer.evaluate(0)
     expected = reference_diversity(evaluated_groups())  # prompts with 3 and 2 images

@@ -97,7 +97,7 @@ def test_mistakes_are_reported_before_any_model_is_loaded(tmp_path, tiny_pipelin
     afile = tmp_path / "afile"
     afile.write_text("x")
     rc, err = run("file_out", log={"out_dir": str(afile), "progress": False, "plot_every": 0})
-    assert rc == 1 and "is a file" in err
+    assert rc == 1 and "is an existing file" in err
 
     # A directory that holds a run: refused without --resume / --overwrite; its files untouched.
     run_dir = tmp_path / "run"
@@ -187,10 +187,11 @@ def test_ctrl_c_stops_cleanly_with_the_last_checkpoint_intact(tmp_path, tiny_pip
     out = log_path.read_text()
     assert "Traceback" not in out and "fdfo: stopped by SIGINT; the last complete checkpoint is" in out, out[-3000:]
     # The run continues from there.
+    from fdfo.settings import with_overrides
     from fdfo.trainer import Trainer
 
     epoch = int((tmp_path / "c" / "checkpoints" / "latest").read_text()[len("epoch_"):])
-    cfg.train.epochs = epoch + 1
+    cfg = with_overrides(cfg, {"train": {"epochs": epoch + 1}})
     t = Trainer(cfg, resume="auto")
     assert t.epoch == epoch
     t.run()

@@ -7,7 +7,8 @@ latents packed here by the definition of FLUX's 2×2 patches, its LoRA loader an
 import pytest
 import torch
 
-from fdfo.config import ConfigError, LoraConfig
+from fdfo.config import LoraConfig
+from fdfo.errors import ConfigError
 from fdfo.models.flux import FluxFlowModel
 
 TEXT = 16  # T5 tokens (max_sequence_length) of the tiny pipelines
@@ -156,7 +157,7 @@ def test_distilled_guidance_reaches_the_transformer(flux_dir, schnell_dir):
     x, sigma = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g)
     seen = []
     hook = lambda m, args, kwargs: seen.append(kwargs["guidance"])  # noqa: E731
-    dev = _model(flux_dir, flux_guidance=2.0)
+    dev = _model(flux_dir, guidance=2.0)
     dev.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     cond = dev.encode(["a cat", "a dog"])
     v2 = dev.velocity(x, sigma, cond)
@@ -166,7 +167,7 @@ def test_distilled_guidance_reaches_the_transformer(flux_dir, schnell_dir):
     assert not torch.allclose(v2, v5, atol=1e-3)
     torch.testing.assert_close(v5, _reference_velocity(dev.transformer, x, sigma, cond, 5.0), rtol=1e-5, atol=1e-5)
 
-    schnell = _model(schnell_dir, flux_guidance=2.0)
+    schnell = _model(schnell_dir, guidance=2.0)
     schnell.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     cond = schnell.encode(["a cat", "a dog"])
     v2 = schnell.velocity(x, sigma, cond)

@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.config import ConfigError, LoraConfig, ModelConfig, build_config
+from fdfo.config import LoraConfig, ModelConfig
+from fdfo.errors import ConfigError
+from fdfo.settings import build_config, check_family
+from fdfo.models import SD3FlowModel
 from tests.conftest import _DIST_ENV
 from tests.test_distributed import adapter, launch, records
 
@@ -57,8 +60,7 @@ def flux_run(out_dir, flux_dir, clip_dir, **sections):
         "model": {"path": str(flux_dir), "resolution": RES, "max_sequence_length": TEXT},
         "lora": {"rank": 4, "alpha": 8.0},
         "sampling": {"steps": 4, "micro_batch_pairs": 2},
-        "train": {"epochs": 1, "pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2, "micro_batch_rows": 4,
-                  "learning_rate": 1e-3},
+        "train": {"epochs": 1, "micro_batch_rows": 4, "learning_rate": 1e-3},
         "data": {"prompts": str(PROMPTS)},
         "reward": {"weights": {"pickscore": 1.0}},
         "eval": {"every": 0, "metrics": []},
@@ -69,7 +71,8 @@ def flux_run(out_dir, flux_dir, clip_dir, **sections):
         overrides.setdefault(section, {}).update(values)
     names = set(overrides["reward"]["weights"]) | set(overrides["eval"]["metrics"])
     overrides["reward"].setdefault("paths", {n: str(clip_dir) for n in names})
-    return build_config(overrides)
+    # FDFO's epoch, as the test job's defaults: a run that picks Flow-GRPO leaves them unread.
+    return build_config(overrides, under={"fdfo": {"pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2}})
 
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:
@@ -176,7 +179,7 @@ def test_flow_grpo_epoch_on_flux(tmp_path, flux_dir, clip_dir):
     from fdfo.trainer import Trainer
 
     cfg = flux_run(tmp_path / "g", flux_dir, clip_dir, train={"algorithm": "flow_grpo", "micro_batch_rows": 3},
-                   grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.01})
+                   flow_grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.01})
     t = Trainer(cfg)
     before = lora_weights(t)
     t.run()
@@ -275,8 +278,8 @@ def test_zero3_two_ranks_take_the_one_rank_step_on_flux(tmp_path, flux_dir, clip
     runs = {}
     for ranks in (1, 2):
         run = tmp_path / f"ranks{ranks}"
-        cfg = flux_run(run, flux_dir, clip_dir, train={"optimizer_steps_per_epoch": 1, "micro_batch_rows": 4,
-                                                       "learning_rate": 0.1, "adam_eps": 1e-3},
+        cfg = flux_run(run, flux_dir, clip_dir, train={"micro_batch_rows": 4, "learning_rate": 0.1, "adam_eps": 1e-3},
+                       fdfo={"optimizer_steps_per_epoch": 1},
                        deepspeed={"config": str(ROOT / "configs/ds/zero3.json")}, checkpoint={"every": 1})
         out = launch(ranks, cfg, tmp_path)
         assert out.count("checkpoint written") == 1, out[-3000:]
@@ -333,18 +336,18 @@ def test_generate_and_evaluate_with_a_flux_checkpoint(trained, flux_dir, clip_di
 
 
 def test_generate_samples_with_the_runs_flux_guidance(trained, flux_dir, tmp_path, monkeypatch):
-    """A run trained with model.flux_guidance 2.0 must be sampled by generate/evaluate at 2.0 as well."""
-    from fdfo import generate
+    """A run trained with flux.guidance 2.0 must be sampled by generate/evaluate at 2.0 as well."""
+    from fdfo import generate, inference
 
     _, _, _, run = trained
     ckpt = tmp_path / "run" / "checkpoints" / "epoch_0001"
     shutil.copytree(run / "checkpoints" / "epoch_0001" / "adapter", ckpt / "adapter")
     state = json.loads((run / "checkpoints" / "epoch_0001" / "trainer.json").read_text())
-    state["config"]["model"]["flux_guidance"] = 2.0
+    state["config"]["flux"]["guidance"] = 2.0
     (ckpt / "trainer.json").write_text(json.dumps(state))
     seen = []
-    load = generate.load_flow_model
-    monkeypatch.setattr(generate, "load_flow_model", lambda *a, **kw: seen.append(load(*a, **kw)) or seen[-1])
+    load = inference.load_flow_model
+    monkeypatch.setattr(inference, "load_flow_model", lambda *a, **kw: seen.append(load(*a, **kw)) or seen[-1])
     assert generate.main(["--adapter", str(ckpt), "--prompt", "a cat", "--out", str(tmp_path / "gen")]) == 0
     assert seen[0].flux_guidance == 2.0
 
@@ -392,12 +395,12 @@ def test_flux_guidance_on_an_sd3_model_names_the_key(tmp_path, capsys):
     from fdfo import train
 
     sd3 = _index(tmp_path / "sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel")
-    with pytest.raises(ConfigError, match="config key 'model.flux_guidance' is a flux option, but model.path .* is "
+    with pytest.raises(ConfigError, match="config key 'flux.guidance' is a flux setting, but model.path .* is "
                                           "a sd3 model: remove it"):
-        _load(sd3, flux_guidance=2.0)
-    assert train.main(["--model.path", str(sd3), "--model.flux_guidance", "2.0", "--log.out_dir",
+        check_family(build_config({"model": {"path": str(sd3)}, "flux": {"guidance": 2.0}}), SD3FlowModel)
+    assert train.main(["--model.path", str(sd3), "--flux.guidance", "2.0", "--log.out_dir",
                        str(tmp_path / "r"), "--log.progress", "false", "--reward.weights", "{clip_score: 1.0}"]) == 1
-    assert "'model.flux_guidance' is a flux option" in capsys.readouterr().err
+    assert "'flux.guidance' is a flux setting" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="'flash' is not available for sd3"):
         _load(sd3, attention_backend="flash")  # FLUX's backends are FLUX's
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.config import LoraConfig, build_config
+from fdfo.config import LoraConfig
+from fdfo.settings import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["a handwritten digit one", "a handwritten digit seven", "a handwritten digit three"]
@@ -95,10 +96,10 @@ def test_generate_grid_files_and_reproducible_seeds(run_dir, tiny_pipeline_dir, 
 
 
 def test_training_sample_grid_is_the_generate_grid(tmp_path):
-    """The trainer's sample grid (RunReport.save_grid) is drawn by generate's image_grid: same pixels."""
+    """The trainer's sample grid (RunReport.save_grid) is drawn by the image_grid generate uses: same pixels."""
     from PIL import Image
 
-    from fdfo.generate import image_grid
+    from fdfo.images import image_grid
     from fdfo.report import RunReport
 
     images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))

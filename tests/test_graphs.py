@@ -386,11 +386,12 @@ def _check_sd3_replay_equals_eager():
         from diffusers import SD3Transformer2DModel
     except ImportError:
         sys.exit(77)
-    from benchmarks.bench_sampling import build_transformer, make_forward
+    from benchmarks.bench_sampling import build_model, velocity_fn
 
-    net = build_transformer("tiny", 4, torch.device("cuda"), torch.bfloat16)
+    model = build_model("tiny", 4, torch.device("cuda"), torch.bfloat16)
+    net = model.transformer
     assert isinstance(net, SD3Transformer2DModel)
-    forward = make_forward(net, torch.bfloat16)
+    forward = velocity_fn(model, net)
     g = torch.Generator("cuda").manual_seed(0)
     latents = torch.randn(2, 4, 4, 4, device="cuda", generator=g)
     cond = Conditioning(torch.randn(4, 8, 64, device="cuda", generator=g).bfloat16(),

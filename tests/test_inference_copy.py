@@ -13,7 +13,7 @@ KEYS = ("reward_mean", "reward_std", "loss", "policy_loss", "ratio", "kl")
 def _trainer(out, tiny_pipeline_dir, digit_reward_dir, **deepspeed):
     from fdfo.trainer import Trainer
 
-    return Trainer(tiny_run(out, tiny_pipeline_dir, digit_reward_dir, train={"kl_weight": 0.5},
+    return Trainer(tiny_run(out, tiny_pipeline_dir, digit_reward_dir, fdfo={"kl_weight": 0.5},
                             deepspeed={"config": str(ROOT / "configs/ds/zero3.json"), **deepspeed}, **QUIET))
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.config import LoraConfig, build_config
+from fdfo.config import LoraConfig
+from fdfo.settings import build_config
 
 from tests.conftest import free_port
 
@@ -65,17 +66,17 @@ def flat(obj, prefix: str = "") -> dict:
 
 @pytest.fixture
 def count_sampling(monkeypatch):
-    """Counts the images sampled (generate_images' prompts) through fdfo.generate."""
-    from fdfo import generate
+    """Counts the images sampled (generate_images' prompts) through fdfo.inference."""
+    from fdfo import inference
 
     made = []
-    real = generate.generate_images
+    real = inference.generate_images
 
     def counting(model, prompts, seeds, **kw):
         made.extend(zip(prompts, seeds))
         return real(model, prompts, seeds, **kw)
 
-    monkeypatch.setattr(generate, "generate_images", counting)
+    monkeypatch.setattr(inference, "generate_images", counting)
     return made
 
 
@@ -145,9 +146,9 @@ def test_digits_protocol_resumes_from_the_images_on_disk(digits_root, count_samp
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded although every image and score is on disk")
 
-    monkeypatch.setattr("fdfo.generate.load_flow_model", boom)
-    monkeypatch.setattr("fdfo.evaluate_protocol.build_reward", boom)
-    monkeypatch.setattr("fdfo.evaluate_protocol.build_diversity", boom)
+    monkeypatch.setattr("fdfo.inference.load_flow_model", boom)
+    monkeypatch.setattr("fdfo.metrics.build_reward", boom)
+    monkeypatch.setattr("fdfo.metrics.build_diversity", boom)
     assert main(digits_args(digits_root, out)) == 0
     assert values(out) == result
 
@@ -316,14 +317,20 @@ def test_published_protocol_table_at_tiny_size(sd3_runs, tiny_pipeline_dir, tmp_
 
 
 def test_hub_adapters_are_named_by_repository_and_subfolder_and_default_options_match_unset_ones():
-    from fdfo.evaluate_protocol import slug
-    from fdfo.generate import sampling_defaults
+    from fdfo.inference import sampling_defaults
+    from fdfo.protocol_run import slug
 
     assert slug("nvidia/finite-difference-flow-optimization/pickscore_nocfg") == \
         "finite-difference-flow-optimization-pickscore_nocfg"
     assert slug(Path("runs/x/checkpoints/epoch_0100/adapter")) == "x-epoch_0100"
-    run = {"model": {"path": "m", "max_sequence_length": 16, "resolution": 32, "flux_guidance": 3.5},
+    run = {"model": {"path": "m", "max_sequence_length": 16, "resolution": 32}, "flux": {"guidance": 3.5},
            "sampling": {"steps": 4, "guidance_scale": 1.0}}
     assert sampling_defaults(None, run)["model_options"] == {}  # FLUX's default: the same as a bare adapter's
-    run["model"]["flux_guidance"] = 2.0
-    assert sampling_defaults(None, run)["model_options"] == {"flux_guidance": 2.0}
+    run["flux"]["guidance"] = 2.0
+    assert sampling_defaults(None, run)["model_options"] == {"flux": {"guidance": 2.0}}
+    # A run saved by an earlier version (model.flux_guidance, null = the default) reads the same way.
+    old = {"model": {"path": "m", "max_sequence_length": 16, "resolution": 32, "flux_guidance": None},
+           "sampling": {"steps": 4, "guidance_scale": 1.0}}
+    assert sampling_defaults(None, old)["model_options"] == {}
+    old["model"]["flux_guidance"] = 2.0
+    assert sampling_defaults(None, old)["model_options"] == {"flux": {"guidance": 2.0}}

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from fdfo.config import RunConfig, build_config
+from fdfo.settings import RunConfig, build_config
 from fdfo.run_dir import RunComplete, RunDirError, compare_configs, plan, prepare
 
 
@@ -111,8 +111,8 @@ def test_a_change_the_saved_state_cannot_take_is_refused_naming_the_keys(tmp_pat
 
 
 def test_compare_configs_reaches_into_mappings():
-    old = RunConfig().to_dict()
-    new = RunConfig().to_dict()
+    old = build_config().to_dict()
+    new = build_config().to_dict()
     new["reward"]["weights"] = {"pickscore": 1.0, "vlm_alignment": 0.2}
     new["lora"]["target_modules"] = ["to_q"]
     fixed, other = compare_configs(old, new)
@@ -123,7 +123,7 @@ def test_compare_configs_reaches_into_mappings():
 def test_an_unusable_out_dir_is_refused(tmp_path, monkeypatch):
     afile = tmp_path / "file"
     afile.write_text("x")
-    with pytest.raises(RunDirError, match="is a file"):
+    with pytest.raises(RunDirError, match="is an existing file, not a directory"):
         plan(config(afile))
     with pytest.raises(RunDirError, match="cannot be created"):
         plan(config(afile / "run"))
@@ -133,14 +133,14 @@ def test_an_unusable_out_dir_is_refused(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:  # a read-only file system (staged: mounting one needs privileges)
         m.setattr(tempfile, "mkstemp", read_only)
-        with pytest.raises(RunDirError, match="not writable \\(Read-only file system"):
+        with pytest.raises(RunDirError, match="cannot be written \\(Read-only file system"):
             plan(config(tmp_path / "run"))
     if os.geteuid() == 0:
         pytest.skip("root writes into directories without write permission: that case cannot be staged")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     try:
-        with pytest.raises(RunDirError, match="not writable"):
+        with pytest.raises(RunDirError, match="cannot be written"):
             plan(config(locked / "run"))
     finally:
         locked.chmod(0o755)
@@ -149,14 +149,14 @@ def test_an_unusable_out_dir_is_refused(tmp_path, monkeypatch):
 def test_the_default_lora_targets_are_written_out_so_earlier_runs_resume(tiny_pipeline_dir):
     """lora.target_modules null is the family's default, made explicit before the run directory is touched:
     a run saved with the explicit list (as every run was before null was the default) resumes unchanged."""
-    from fdfo.config import build_config
     from fdfo.models import SD3FlowModel
-    from fdfo.trainer import Trainer
+    from fdfo.trainer import settle_model_settings
 
-    cfg = build_config({"model": {"path": str(tiny_pipeline_dir)}})
-    assert cfg.lora.target_modules is None
-    Trainer._settle_model_settings(cfg)
-    assert cfg.lora.target_modules == list(SD3FlowModel.LORA_TARGETS)
+    given = build_config({"model": {"path": str(tiny_pipeline_dir)}})
+    assert given.lora.target_modules is None
+    cfg, adapter_dir, family = settle_model_settings(given)
+    assert cfg.lora.target_modules == list(SD3FlowModel.LORA_TARGETS) and given.lora.target_modules is None
+    assert adapter_dir is None and family is SD3FlowModel
     earlier = build_config({"model": {"path": str(tiny_pipeline_dir)},
                             "lora": {"target_modules": list(SD3FlowModel.LORA_TARGETS)}}).to_dict()
     assert compare_configs(earlier, cfg.to_dict()) == ([], [])

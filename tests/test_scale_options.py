@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from fdfo.config import ConfigError, LoraConfig
+from fdfo.config import LoraConfig
+from fdfo.errors import ConfigError
 from fdfo.models import SD3FlowModel
 
 
@@ -70,7 +71,7 @@ def test_gradient_checkpointing_under_zero3_trains_like_without(tmp_path, tiny_p
 
 
 def test_attention_backend_forces_a_pytorch_sdpa_kernel(tiny_pipeline_dir):
-    from fdfo.config import build_config
+    from fdfo.settings import build_config
 
     g = torch.Generator().manual_seed(random.randrange(10**6))
     model = _model(tiny_pipeline_dir)
@@ -90,4 +91,4 @@ def test_attention_backend_forces_a_pytorch_sdpa_kernel(tiny_pipeline_dir):
         with pytest.raises(ConfigError, match=f"'{name}' is not available for SD3.*_native_math"):
             model.set_attention_backend(name)
         with pytest.raises(ConfigError, match=f"model.attention_backend '{name}' is not available for sd3"):
-            SD3FlowModel.check_options(build_config({"model": {"attention_backend": name}}).model)  # before loading
+            SD3FlowModel.check_settings(build_config({"model": {"attention_backend": name}}).model)  # before loading

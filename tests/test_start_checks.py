@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fdfo.config import build_config
+from fdfo.settings import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -56,7 +56,7 @@ def test_model_path_is_the_cached_base(tmp_path):
 
 
 def test_every_task_is_complete():
-    from fdfo.config import build_config
+    from fdfo.settings import build_config
 
     for spec in tasks.names():
         task = tasks.get(spec)

@@ -1,4 +1,4 @@
-"""train.timestep_fraction: FDFO trains on a drawn subset of each trajectory's stored steps per epoch."""
+"""fdfo.timestep_fraction: FDFO trains on a drawn subset of each trajectory's stored steps per epoch."""
 
 import random
 
@@ -7,22 +7,22 @@ import torch
 
 from fdfo import algorithms
 from fdfo.algorithms.fdfo import trained_steps
-from fdfo.config import ConfigError, build_config
+from fdfo.errors import ConfigError
+from fdfo.settings import build_config, with_overrides
 from tests.test_train import QUIET, lora_weights, tiny_run
 
 
 def test_layout_and_range():
-    cfg = build_config({"sampling": {"steps": 10}, "train": {"pairs_per_epoch": 8, "optimizer_steps_per_epoch": 2,
-                                                            "micro_batch_rows": 4, "timestep_fraction": 0.5}})
+    cfg = build_config({"sampling": {"steps": 10}, "train": {"micro_batch_rows": 4},
+                        "fdfo": {"pairs_per_epoch": 8, "optimizer_steps_per_epoch": 2, "timestep_fraction": 0.5}})
     assert trained_steps(cfg) == 5
     assert algorithms.get("fdfo").layout_for(cfg, 1).elements_per_rank == 2 * 8 * 5
-    cfg.train.timestep_fraction = 0.01
-    assert trained_steps(cfg) == 1  # never zero
-    with pytest.raises(ConfigError, match="an FDFO option"):
-        build_config({"train": {"algorithm": "flow_grpo", "timestep_fraction": 0.5}})
+    assert trained_steps(with_overrides(cfg, {"fdfo": {"timestep_fraction": 0.01}})) == 1  # never zero
+    with pytest.raises(ConfigError, match="'fdfo.timestep_fraction' is set .*, but train.algorithm is 'flow_grpo'"):
+        build_config({"train": {"algorithm": "flow_grpo"}, "fdfo": {"timestep_fraction": 0.5}})
     for bad in (0.0, 1.5, -0.5):
-        with pytest.raises(ConfigError, match="train.timestep_fraction"):
-            build_config({"train": {"timestep_fraction": bad}})
+        with pytest.raises(ConfigError, match="fdfo.timestep_fraction"):
+            build_config({"fdfo": {"timestep_fraction": bad}})
 
 
 def test_subsets_are_uniform_distinct_and_the_same_on_every_rank(tmp_path, tiny_pipeline_dir, digit_reward_dir):
@@ -31,10 +31,10 @@ def test_subsets_are_uniform_distinct_and_the_same_on_every_rank(tmp_path, tiny_
     steps = random.choice([6, 8])
     cfg = tiny_run(tmp_path / "r", tiny_pipeline_dir, digit_reward_dir, **dict(
         QUIET, sampling={"steps": steps, "micro_batch_pairs": 2},
-        train={"epochs": 1, "timestep_fraction": 0.5, "pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2,
-               "micro_batch_rows": 4}))
+        train={"epochs": 1, "micro_batch_rows": 4},
+        fdfo={"timestep_fraction": 0.5, "pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2}))
     alg = Trainer(cfg).algorithm
-    cfg.train.pairs_per_epoch = 4000  # (the draw alone, for its statistics)
+    alg.settings = with_overrides(alg.cfg, {"fdfo": {"pairs_per_epoch": 4000}}).fdfo  # (the draw alone, for its statistics)
     table = alg._steps(3)
     K = steps // 2
     assert table.shape == (8000, K)
@@ -51,7 +51,7 @@ def test_each_element_is_the_full_paths_element_of_its_drawn_step(tmp_path, tiny
     from fdfo.trainer import Trainer
 
     cfg = tiny_run(tmp_path / "e", tiny_pipeline_dir, digit_reward_dir, **dict(
-        QUIET, train={"epochs": 1, "timestep_fraction": 0.5, "micro_batch_rows": 2}))
+        QUIET, train={"epochs": 1, "micro_batch_rows": 2}, fdfo={"timestep_fraction": 0.5}))
     t = Trainer(cfg)
     batch = t.algorithm.sample(0)
     R, _ = t.reward(batch.prompts, batch.images)
@@ -82,9 +82,9 @@ def test_an_epoch_trains_on_half_the_steps(tmp_path, tiny_pipeline_dir, digit_re
     from fdfo.trainer import Trainer
 
     cfg = tiny_run(tmp_path / "h", tiny_pipeline_dir, digit_reward_dir,
-                   **dict(QUIET, train={"epochs": 1, "timestep_fraction": 0.5, "micro_batch_rows": 2}))
+                   **dict(QUIET, train={"epochs": 1, "micro_batch_rows": 2}, fdfo={"timestep_fraction": 0.5}))
     t = Trainer(cfg)
-    assert t.layout.elements_per_rank == 2 * cfg.train.pairs_per_epoch * cfg.sampling.steps // 2
+    assert t.layout.elements_per_rank == 2 * cfg.fdfo.pairs_per_epoch * cfg.sampling.steps // 2
     before = lora_weights(t)
     t.run()
     after = lora_weights(t)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.config import LoraConfig, build_config
+from fdfo.config import LoraConfig
+from fdfo.settings import build_config
 
 from tests.conftest import free_port
 
@@ -40,26 +41,19 @@ def base_args(tool: str, out: Path) -> list[str]:
 def no_model_loading(monkeypatch):
     """Loading a model or sampling fails the test: the mistake must be found before."""
 
-    from fdfo import evaluate, generate  # noqa: F401  (imported first: evaluate binds generate's names on import,
-    #                                      and would keep the stand-in for good if it were imported under the patch)
-
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded although the command line holds a mistake")
 
-    monkeypatch.setattr("fdfo.generate.load_flow_model", boom)
-    monkeypatch.setattr("fdfo.generate.generate_images", boom)
-    monkeypatch.setattr("fdfo.evaluate.generate_images", boom)
+    monkeypatch.setattr("fdfo.inference.load_flow_model", boom)
+    monkeypatch.setattr("fdfo.inference.generate_images", boom)
 
 
 @pytest.fixture
 def no_sampling(monkeypatch):
-    from fdfo import evaluate, generate  # noqa: F401  (see no_model_loading)
-
     def boom(*args, **kwargs):
         raise AssertionError("sampling started although the command line holds a mistake")
 
-    monkeypatch.setattr("fdfo.generate.generate_images", boom)
-    monkeypatch.setattr("fdfo.evaluate.generate_images", boom)
+    monkeypatch.setattr("fdfo.inference.generate_images", boom)
 
 
 def one_line_error(capsys, tool: str, *, loaded: bool = False) -> str:
@@ -139,7 +133,7 @@ def test_adapter_of_another_base_model_is_found_after_loading_before_sampling(to
                                                                               no_sampling, tmp_path, capsys):
     """A base whose config is not at hand before loading (a hub model not yet cached, a built-in one not yet
     built) is checked once loaded: evaluate must not sample the base model first."""
-    monkeypatch.setattr("fdfo.generate._meta_transformer", lambda *a: None)
+    monkeypatch.setattr("fdfo.inference._meta_transformer", lambda *a: None)
     argv = ["--model", str(other_bases["wider"]), "--adapter", str(adapter_run), "--prompt", "a digit",
             *base_args(tool, tmp_path / "o")]
     assert tool_main(tool)(argv) == 1
@@ -150,7 +144,7 @@ def test_adapter_of_another_base_model_is_found_after_loading_before_sampling(to
 
 def test_apply_checkpoint_turns_a_load_error_into_one_message(adapter_run, other_bases):
     """Whatever the header checks miss, the loader's size-mismatch error becomes the same one-line message."""
-    from fdfo.generate import CheckpointMismatch, apply_checkpoint, resolve_checkpoint
+    from fdfo.trained_checkpoint import CheckpointMismatch, apply_checkpoint, resolve_checkpoint
     from fdfo.models import SD3FlowModel
 
     base = other_bases["wider"]
@@ -177,7 +171,8 @@ def test_full_checkpoint_of_another_base_model_is_found_before_loading(tool, oth
 def test_checkpoints_of_the_right_base_model_pass_the_checks(adapter_run, tiny_pipeline_dir, tmp_path):
     """No false alarm: the LoRA (rank 4, not the default 32) and a full checkpoint of the tiny base load and
     sample, both found fitting before loading (meta transformer) and after."""
-    from fdfo.generate import check_checkpoint, main, resolve_checkpoint
+    from fdfo.generate import main
+    from fdfo.trained_checkpoint import check_checkpoint, resolve_checkpoint
     from fdfo.models import SD3FlowModel
 
     full = tmp_path / "epoch_0001"
@@ -244,12 +239,12 @@ def test_out_in_a_read_only_directory_is_found_before_loading(tool, tiny_pipelin
 
 
 def test_out_that_exists_and_is_writable_is_left_as_it_was(tiny_pipeline_dir, tmp_path):
-    from fdfo.generate import prepare_out_dir
+    from fdfo.outputs import check_out_dir
 
     out = tmp_path / "a" / "b"
-    assert prepare_out_dir(out) == out and out.is_dir() and list(out.iterdir()) == []  # no probe left
+    assert check_out_dir(out, "--out", create=True) == out and out.is_dir() and list(out.iterdir()) == []  # no probe
     (out / "keep.txt").write_text("x")
-    prepare_out_dir(out)
+    check_out_dir(out, "--out", create=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -407,7 +402,7 @@ def test_corrupt_run_config_names_its_file(adapter_run, tiny_pipeline_dir, no_mo
 
 def test_evaluate_report_without_images(tmp_path):
     """--report-prompts 0 or --report-repeats 0: results and an HTML page, no grid picture."""
-    from fdfo.evaluate import write_report
+    from fdfo.evaluation import write_report
 
     for shown_p, shown_r in ((0, 2), (2, 0)):
         out = tmp_path / f"r{shown_p}{shown_r}"
@@ -492,7 +487,7 @@ def test_evaluate_protocol_adapter_of_another_base_is_found_before_loading(other
 
 def test_evaluate_protocol_adapter_of_another_base_is_found_after_loading_before_sampling(
         adapter_run, other_bases, tiny_pipeline_dir, monkeypatch, no_sampling, tmp_path, capsys):
-    monkeypatch.setattr("fdfo.generate._meta_transformer", lambda *a: None)
+    monkeypatch.setattr("fdfo.inference._meta_transformer", lambda *a: None)
     argv = protocol_args(tmp_path, other_bases["wider"], "--adapter", str(adapter_run))
     assert tool_main("evaluate")(argv) == 1
     err = one_line_error(capsys, "evaluate", loaded=True)

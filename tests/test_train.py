@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.config import build_config
+from fdfo.settings import build_config, with_overrides
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,7 @@ def tiny_run(out_dir, pipeline_dir, reward_dir, **sections):
         "model": {"path": str(pipeline_dir), "resolution": 16, "max_sequence_length": 16},
         "lora": {"rank": 4, "alpha": 8.0},
         "sampling": {"steps": 4, "micro_batch_pairs": 2},
-        "train": {"epochs": 2, "pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2, "micro_batch_rows": 4,
-                  "learning_rate": 1e-3},
+        "train": {"epochs": 2, "micro_batch_rows": 4, "learning_rate": 1e-3},
         "data": {"prompts": "builtin:digits"},
         "reward": {"weights": {"digit_probability": 1.0}},
         "eval": {"every": 1, "num_images": 6, "metrics": ["digit_judge_accuracy"]},
@@ -36,7 +35,8 @@ def tiny_run(out_dir, pipeline_dir, reward_dir, **sections):
         overrides.setdefault(section, {}).update(values)
     names = set(overrides["reward"]["weights"]) | set(overrides["eval"]["metrics"])
     overrides["reward"].setdefault("paths", {n: str(reward_dir) for n in names if n.startswith("digit_")})
-    return build_config(overrides)
+    # FDFO's epoch, as the test job's defaults: a run that picks Flow-GRPO leaves them unread.
+    return build_config(overrides, under={"fdfo": {"pairs_per_epoch": 4, "optimizer_steps_per_epoch": 2}})
 
 
 # Sections for a run that only trains: no evaluation, plots, progress bars or checkpoints.
@@ -197,7 +197,7 @@ def test_flow_grpo_in_the_same_trainer(tmp_path, tiny_pipeline_dir, digit_reward
 
     cfg = tiny_run(tmp_path / "g", tiny_pipeline_dir, digit_reward_dir,
                    train={"algorithm": "flow_grpo", "epochs": 1, "micro_batch_rows": 3},
-                   grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.01},
+                   flow_grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.01},
                    eval={"every": 0, "metrics": []}, checkpoint={"every": 0})
     t = Trainer(cfg)
     before = lora_weights(t)
@@ -238,7 +238,7 @@ def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_r
     records, weights = {}, {}
     for mode in (False, True):
         cfg = tiny_run(tmp_path / str(mode), tiny_pipeline_dir, digit_reward_dir, **QUIET)
-        cfg.train.compile = mode
+        cfg = with_overrides(cfg, {"train": {"compile": mode}})
         t = Trainer(cfg)
         assert t.engine.module.is_compiled == mode
         start = lora_weights(t)
@@ -251,7 +251,7 @@ def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_r
 
 
 def test_a_prompt_path_that_is_a_directory_or_unreadable(tmp_path, monkeypatch):
-    from fdfo.config import ConfigError
+    from fdfo.errors import ConfigError
     from fdfo.prompts import load_prompts
 
     with pytest.raises(ConfigError, match="is a directory"):

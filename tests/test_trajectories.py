@@ -39,7 +39,8 @@ def test_fetch_in_chunks_is_plain_indexing(chunk_rows):
 
 
 def test_an_unknown_trajectory_device_is_refused():
-    from fdfo.config import ConfigError, build_config
+    from fdfo.errors import ConfigError
+    from fdfo.settings import build_config
 
     with pytest.raises(ConfigError, match="train.trajectory_device.*device, host"):
         build_config({"train": {"trajectory_device": "disk"}})
@@ -56,7 +57,8 @@ def test_host_trajectories_train_exactly_like_device_ones(tmp_path, tiny_pipelin
         cfg = tiny_run(tmp_path / place, tiny_pipeline_dir, digit_reward_dir, **dict(
             QUIET, train={"epochs": 1, "seed": seed, "algorithm": algorithm, "trajectory_device": place,
                           "micro_batch_rows": 4 if algorithm == "fdfo" else 3},
-            grpo={"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0}))
+            **({"flow_grpo": {"group_size": 2, "groups_per_epoch": 2, "kl_beta": 0.0}} if algorithm == "flow_grpo"
+               else {})))
         t = Trainer(cfg)
         logged[place] = t.train_epoch(0)
         finals[place] = lora_weights(t)

@@ -3,17 +3,18 @@
     fdfo       Finite Difference Flow Optimization (fdfo.algorithms.fdfo)
     flow_grpo  the Flow-GRPO baseline (fdfo.algorithms.flow_grpo)
 
-A new algorithm is one file with an ``Algorithm`` subclass, registered below.
+A new algorithm is one file with an ``Algorithm`` subclass (its ``name``, its ``Settings`` dataclass: the
+run config's section of that name), registered below.
 """
 
 from __future__ import annotations
 
-from fdfo.config import ConfigError
 from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy
 from fdfo.algorithms.fdfo import FDFO
 from fdfo.algorithms.flow_grpo import FlowGRPO
+from fdfo.errors import ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"fdfo": FDFO, "flow_grpo": FlowGRPO}
+ALGORITHMS: dict[str, type[Algorithm]] = {algorithm.name: algorithm for algorithm in (FDFO, FlowGRPO)}
 
 
 def get(name: str) -> type[Algorithm]:

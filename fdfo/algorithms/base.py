@@ -30,7 +30,8 @@ from typing import Callable, ClassVar, Iterator
 import torch
 
 from fdfo import distributed
-from fdfo.config import ConfigError
+from fdfo.context import RunContext, Stream
+from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
 from fdfo.trajectories import TrajectoryStore
 
@@ -43,14 +44,6 @@ def valid_values(n: int, given: int, count: int = 8) -> str:
     divisors = [m for m in range(1, n + 1) if n % m == 0]
     near = sorted(sorted(divisors, key=lambda m: (abs(m - given), m))[:count])
     return f"the valid values nearest to {given}: {near} (every divisor of {n} is valid)"
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, epoch, index, stream): stable across runs and resumes."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & ((1 << 64) - 1)
-    return h >> 1
 
 
 @dataclass(frozen=True)
@@ -85,19 +78,18 @@ class Batch:
 class MicroBatch:
     start: int  # first item of this rank's list
     size: int
-    gen_cpu: torch.Generator  # seeded by (seed, epoch, global micro-batch index, 0)
-    gen_dev: torch.Generator  # the same index, stream 1, on the device
+    gen_cpu: torch.Generator  # Stream.SAMPLE_HOST of (epoch, global micro-batch index)
+    gen_dev: torch.Generator  # Stream.SAMPLE_DEVICE of the same, on the device
 
 
 class Policy:
     """The model being trained, as the algorithms see it."""
 
-    def __init__(self, cfg, model, engine, device: torch.device):
-        self.cfg, self.model, self.engine, self.device = cfg, model, engine, device
-        self.seed = cfg.train.seed
+    def __init__(self, cfg, model, engine, ctx: RunContext):
+        self.cfg, self.model, self.engine, self.ctx, self.device = cfg, model, engine, ctx, ctx.device
         self.kernels = cfg.train.kernels  # fdfo.kernels backend of every fused kernel call
         self.sigmas = model.sigmas(cfg.sampling.steps)  # [T + 1], CPU
-        self.progress = cfg.log.progress and distributed.rank() == 0  # progress bars, rank 0 only
+        self.progress = ctx.progress
         self.guidance = cfg.sampling.guidance_scale
         self.uncond = model.encode([cfg.sampling.negative_prompt]) if self.guidance != 1.0 else None
 
@@ -157,9 +149,9 @@ class Policy:
         per_rank = math.ceil(n / size)
         out = []
         for i in range(per_rank):
-            g = distributed.rank() * per_rank + i
-            gen_cpu = torch.Generator().manual_seed(derive_seed(self.seed, epoch, g, 0))
-            gen_dev = torch.Generator(self.device).manual_seed(derive_seed(self.seed, epoch, g, 1))
+            g = self.ctx.rank * per_rank + i
+            gen_cpu = self.ctx.generator(Stream.SAMPLE_HOST, epoch, g)
+            gen_dev = self.ctx.generator(Stream.SAMPLE_DEVICE, epoch, g, device=self.device)
             out.append(MicroBatch(i * size, min(size, n - i * size), gen_cpu, gen_dev))
         return out
 
@@ -167,25 +159,32 @@ class Policy:
 class Algorithm(ABC):
     """An RL algorithm the trainer drives (see the module docstring)."""
 
+    name: ClassVar[str]  # its name in train.algorithm, and the name of its section of the run config
+    Settings: ClassVar[type]  # its settings: a frozen dataclass of fdfo.config fields (fdfo.settings composes it)
     summary: ClassVar[tuple[str, ...]] = ("policy_loss", "clipfrac", "grad_norm")
     # Bytes of trajectory tensors this rank held for the last epoch's training: its own samples plus
     # what it fetched for its elements (logged per epoch as trajectory_mib), wherever they lived.
     held_bytes: int = 0
-    kl_key: ClassVar[str]  # the config key of the algorithm's KL weight ("section.name")
+    kl_key: ClassVar[str]  # the field of its settings that holds its KL weight
     grid_group: int = 2  # consecutive images of one sampling unit (a pair), one row of the sample grid
 
     @classmethod
     def check(cls, cfg) -> None:
         """Config checks of this algorithm, run when the config is built: a KL term needs LoRA (the
         base model is the model with its adapter disabled)."""
-        section, name = cls.kl_key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value, key = getattr(cls.settings_of(cfg), cls.kl_key), f"{cls.name}.{cls.kl_key}"
         if value > 0 and not cfg.lora.enabled:
-            raise ConfigError(f"config key '{cls.kl_key}' is {value}, but a KL term needs LoRA (the base model is "
-                              f"the model with its adapter disabled): set lora.enabled true or {cls.kl_key} 0")
+            raise ConfigError(f"config key '{key}' is {value}, but a KL term needs LoRA (the base model is "
+                              f"the model with its adapter disabled): set lora.enabled true or {key} 0")
+
+    @classmethod
+    def settings_of(cls, cfg):
+        """This algorithm's section of the run config (an instance of its ``Settings``)."""
+        return getattr(cfg, cls.name)
 
     def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
         self.cfg, self.policy, self.prompts, self.layout = cfg, policy, prompts, layout
+        self.settings = self.settings_of(cfg)
         # Sampled trajectories and the fetched elements live here: on the device or in host memory.
         self.store = TrajectoryStore(cfg.train.trajectory_device, policy.device)
 

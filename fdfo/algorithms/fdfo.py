@@ -10,28 +10,48 @@ Philox noise); elsewhere the eager sampler of fdfo.sampling runs the same maths.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 
 from fdfo import distributed, kernels
-from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, derive_seed, fetch, valid_values
-from fdfo.config import ConfigError
+from fdfo.context import Stream
+from fdfo.config import Rule, above, at_least, check
+from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, fetch, valid_values
+from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
-from fdfo.sampling import churn_schedule, sample_pairs
+from fdfo.sampling import sample_pairs
 from fdfo.trajectories import nbytes
 
 
-STEPS_STREAM = 8  # derive_seed stream of the epoch's trained-step subsets (train.timestep_fraction)
+@dataclass(frozen=True)
+class FDFOSettings:
+    """FDFO's own settings (train.algorithm: fdfo), the published recipe's values (docs/algorithm.md §4-5)."""
+
+    pairs_per_epoch: int = field(default=432, metadata=check(above(0)))  # pairs sampled per epoch, over all ranks
+    optimizer_steps_per_epoch: int = field(default=4, metadata=check(above(0)))  # optimizer steps per epoch
+    # The trust region: the clip range of the finite-difference loss (docs/algorithm.md §3).
+    clip_range: float = field(default=0.03, metadata=check(above(0)))
+    # Weight of the KL term to the frozen base model's velocity; 0 = none (needs LoRA: the base is the
+    # model with its adapter disabled).
+    kl_weight: float = field(default=0.0, metadata=check(at_least(0)))
+    # The fraction of each trajectory's stored steps trained on per epoch (1.0 = all, as published);
+    # each row's steps are drawn uniformly without replacement per epoch (an unbiased estimate of the loss).
+    timestep_fraction: float = field(default=1.0, metadata=check(Rule(lambda v: 0 < v <= 1, "in (0, 1]")))
 
 
-def trained_steps(cfg) -> int:
-    """Stored steps per trajectory trained on each epoch: sampling.steps × train.timestep_fraction, at least 1."""
-    return max(1, round(cfg.sampling.steps * cfg.train.timestep_fraction))
+def trained_steps(cfg, settings: FDFOSettings | None = None) -> int:
+    """Stored steps per trajectory trained on each epoch: sampling.steps × timestep_fraction (of ``settings``,
+    by default ``cfg.fdfo``), at least 1."""
+    return max(1, round(cfg.sampling.steps * (settings or cfg.fdfo).timestep_fraction))
 
 
 class FDFO(Algorithm):
+    name = "fdfo"
+    Settings = FDFOSettings
     summary = ("policy_loss", "clipfrac", "grad_norm", "pairs_per_s")
-    kl_key = "train.kl_weight"
+    kl_key = "kl_weight"
 
     def __init__(self, cfg, policy: Policy, prompts: list[str], layout: Layout):
         super().__init__(cfg, policy, prompts, layout)
@@ -46,23 +66,23 @@ class FDFO(Algorithm):
 
     @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
-        t = cfg.train
+        t, mb = cls.settings_of(cfg), cfg.train.micro_batch_rows
         if t.pairs_per_epoch % world_size:
-            raise ConfigError(f"train.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
+            raise ConfigError(f"{cls.name}.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
                               f"world size {world_size}")
         pairs_per_rank = t.pairs_per_epoch // world_size
-        trained = trained_steps(cfg)
+        trained = trained_steps(cfg, t)
         elements = 2 * pairs_per_rank * trained
         if elements % t.optimizer_steps_per_epoch:
             raise ConfigError(f"2 x pairs per rank ({pairs_per_rank}) x trained steps per trajectory ({trained}: "
-                              f"sampling.steps x train.timestep_fraction) = {elements} training elements must "
-                              f"divide into train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
+                              f"sampling.steps x {cls.name}.timestep_fraction) = {elements} training elements must "
+                              f"divide into {cls.name}.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
         per_step = elements // t.optimizer_steps_per_epoch
-        if per_step % t.micro_batch_rows:
-            raise ConfigError(f"train.micro_batch_rows={t.micro_batch_rows} must divide the {per_step} elements "
-                              f"of each optimizer step per rank; {valid_values(per_step, t.micro_batch_rows)}")
+        if per_step % mb:
+            raise ConfigError(f"train.micro_batch_rows={mb} must divide the {per_step} elements "
+                              f"of each optimizer step per rank; {valid_values(per_step, mb)}")
         return Layout(rows_per_rank=2 * pairs_per_rank, elements_per_rank=elements,
-                      optimizer_steps=t.optimizer_steps_per_epoch, micro_batch_rows=t.micro_batch_rows)
+                      optimizer_steps=t.optimizer_steps_per_epoch, micro_batch_rows=mb)
 
     def sample(self, epoch: int) -> Batch:
         """Paired trajectories for this rank's pairs of the epoch."""
@@ -77,8 +97,7 @@ class FDFO(Algorithm):
             cond = pol.encode(prompts)  # [P, ...]
             for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
-                g_prior, g_steps = churn_schedule(cfg.churn_schedule, sigmas=pol.sigmas, rows=2 * b.size,
-                                                  generator=b.gen_cpu, **cfg.churn_parameters())
+                g_prior, g_steps = self.cfg.churn.amounts(pol.sigmas, 2 * b.size, b.gen_cpu)
                 rows_cond = cond[b.start:b.start + b.size].repeat_rows(2)
                 if self.graph_sampler is not None:
                     seed = int(torch.randint(2**62, (), generator=b.gen_cpu))
@@ -96,18 +115,18 @@ class FDFO(Algorithm):
     def _steps(self, epoch: int) -> torch.Tensor | None:
         """The steps each row of the epoch trains on, [rows over all ranks, K] (the same on every rank),
         K = trained_steps; None when every step is trained (the published default)."""
-        T, K = self.cfg.sampling.steps, trained_steps(self.cfg)
+        T, K = self.cfg.sampling.steps, trained_steps(self.cfg, self.settings)
         if K == T:
             return None
-        rows = 2 * self.cfg.train.pairs_per_epoch
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch, STEPS_STREAM))
+        rows = 2 * self.settings.pairs_per_epoch
+        gen = self.policy.ctx.generator(Stream.TRAINED_STEPS, epoch)
         return torch.rand(rows, T, generator=gen).argsort(dim=1)[:, :K].sort(dim=1).values
 
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
         """Element (row, j) -> the FD loss; j is the row's j-th trained step (every step, or the epoch's
-        drawn subset under train.timestep_fraction). Only the states, velocities, pair differences and
+        drawn subset under fdfo.timestep_fraction). Only the states, velocities, pair differences and
         prompt embeddings of this rank's elements are fetched from the ranks that sampled them."""
-        cfg, pol, T = self.cfg, self.policy, self.cfg.sampling.steps
+        pol, T = self.policy, self.cfg.sampling.steps
         d, dR, ms = kernels.pair_delta(batch.data["x0"], rewards, backend=pol.kernels)  # this rank's rows
         steps = batch.data["steps"]
         K = T if steps is None else steps.shape[1]
@@ -127,11 +146,11 @@ class FDFO(Algorithm):
         def micro_loss(p: torch.Tensor):
             (x, v_ref), r, c = serve(p), slot[p], Conditioning(embeds[pair_slot[p]], pooled[pair_slot[p]])
             v = pol.train_velocity(x, sigma[p], c)
-            loss, metrics = kernels.fd_loss(v, v_ref, d[r], dR[r], cfg.train.clip_range, ms=ms[r],
+            loss, metrics = kernels.fd_loss(v, v_ref, d[r], dR[r], self.settings.clip_range, ms=ms[r],
                                             backend=pol.kernels)
-            if cfg.train.kl_weight > 0:
+            if self.settings.kl_weight > 0:
                 kl = (v - pol.base_velocity(x, sigma[p], c)).pow(2).mean()
-                loss = loss + cfg.train.kl_weight * kl
+                loss = loss + self.settings.kl_weight * kl
                 metrics["kl"] = kl.detach()
             return loss, metrics
 

@@ -10,20 +10,21 @@ trajectories whose reward beats their group's mean:
     x'   = mean + σ_t·sqrt(−dt)·ε
 
 An epoch samples groups of G independent SDE trajectories per prompt; its training
-elements are the (row, step) pairs of the first ``grpo.train_steps`` steps.
+elements are the (row, step) pairs of the first ``flow_grpo.train_steps`` steps.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import distributed
-from fdfo.algorithms.base import Algorithm, Batch, Layout, derive_seed, fetch, valid_values
-from fdfo.config import ConfigError
+from fdfo.algorithms.base import Algorithm, Batch, Layout, fetch, valid_values
+from fdfo.context import Stream
+from fdfo.config import above, at_least, check, optional
+from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
 from fdfo.trajectories import nbytes
 
@@ -102,36 +103,47 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     return loss, metrics
 
 
+@dataclass(frozen=True)
+class FlowGRPOSettings:
+    """The Flow-GRPO baseline's settings (train.algorithm: flow_grpo), as its public code configures it."""
+
+    noise_level: float = field(default=0.7, metadata=check(above(0)))  # a in σ_t = a·sqrt(σ/(1−σ))
+    group_size: int = field(default=24, metadata=check(at_least(2)))  # images per prompt
+    groups_per_epoch: int = field(default=48, metadata=check(at_least(1)))  # prompts per epoch, over all ranks
+    clip_range: float = field(default=1e-4, metadata=check(above(0)))  # PPO clip
+    kl_beta: float = field(default=0.01, metadata=check(at_least(0)))  # β·‖μ_θ − μ_ref‖²/(2σ_t²); 0 = no KL
+    adv_clip: float = field(default=5.0, metadata=check(above(0)))  # advantages are clipped to ±adv_clip
+    # Leading SDE steps trained per trajectory; null = all but the last.
+    train_steps: int | None = field(default=None, metadata=check(optional(at_least(1))))
+    optimizer_steps_per_epoch: int = field(default=2, metadata=check(at_least(1)))  # optimizer steps per epoch
+
+
 def train_steps(cfg) -> int:
-    """Leading SDE steps trained per trajectory (grpo.train_steps; default all but the last)."""
+    """Leading SDE steps trained per trajectory (flow_grpo.train_steps; default all but the last)."""
     T = cfg.sampling.steps
-    n = cfg.grpo.train_steps if cfg.grpo.train_steps is not None else max(T - 1, 1)
+    n = cfg.flow_grpo.train_steps if cfg.flow_grpo.train_steps is not None else max(T - 1, 1)
     if not 1 <= n <= T:
-        raise ConfigError(f"grpo.train_steps={n} must lie in 1..sampling.steps ({T})")
+        raise ConfigError(f"flow_grpo.train_steps={n} must lie in 1..sampling.steps ({T})")
     return n
 
 
 class FlowGRPO(Algorithm):
-    kl_key = "grpo.kl_beta"
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        if cfg.train.timestep_fraction != 1.0:
-            raise ConfigError(f"config key 'train.timestep_fraction' is {cfg.train.timestep_fraction}, an FDFO option; "
-                              "Flow-GRPO trains the leading grpo.train_steps steps of each trajectory")
+    name = "flow_grpo"
+    Settings = FlowGRPOSettings
+    kl_key = "kl_beta"
 
     @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
-        g, mb = cfg.grpo, cfg.train.micro_batch_rows
+        g, mb = cls.settings_of(cfg), cfg.train.micro_batch_rows
         if g.groups_per_epoch % world_size:
-            raise ConfigError(f"grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size "
+            raise ConfigError(f"flow_grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size "
                               f"{world_size}")
         images = g.groups_per_epoch // world_size * g.group_size
         elements = images * train_steps(cfg)
         if elements % g.optimizer_steps_per_epoch:
-            raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x grpo.train_steps) must "
-                              f"split into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} equal steps; "
+            raise ConfigError(f"{elements} Flow-GRPO training elements per rank (images x flow_grpo.train_steps) must "
+                              f"split into flow_grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} equal "
+                              f"steps; "
                               f"{valid_values(elements, g.optimizer_steps_per_epoch)}")
         if (elements // g.optimizer_steps_per_epoch) % mb:
             raise ConfigError(f"train.micro_batch_rows={mb} must divide the {elements // g.optimizer_steps_per_epoch} "
@@ -142,18 +154,19 @@ class FlowGRPO(Algorithm):
 
     @property
     def grid_group(self) -> int:
-        return self.cfg.grpo.group_size
+        return self.settings.group_size
 
     def sample(self, epoch: int) -> Batch:
         """Groups of G independent SDE trajectories per prompt, with per-step log-probabilities."""
-        cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
+        pol, G = self.policy, self.settings.group_size
         rows = self.layout.rows_per_rank
         groups = rows // G
         # The epoch's prompts are drawn for all ranks at once and each rank takes its groups: the same
         # prompts, in the same groups, on any number of ranks.
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, 0, 2))
-        everyone = torch.randint(len(self.prompts), (groups * distributed.world_size(),), generator=gen)
-        prompts = [self.prompts[i] for i in everyone[distributed.rank() * groups:][:groups].tolist()]
+        ctx = pol.ctx
+        gen = ctx.generator(Stream.GROUP_PROMPTS, epoch, 0)
+        everyone = torch.randint(len(self.prompts), (groups * ctx.world_size,), generator=gen)
+        prompts = [self.prompts[i] for i in everyone[ctx.rank * groups:][:groups].tolist()]
         mb = pol.forward_rows
         self.store.new_epoch()
         xs, logps = self.store.buffer(rows), []
@@ -163,7 +176,7 @@ class FlowGRPO(Algorithm):
                           disable=not pol.progress, leave=False):
                 r = torch.arange(b.start, b.start + b.size)
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
-                traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, cfg.grpo.noise_level,
+                traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, self.settings.noise_level,
                                   b.gen_dev)
                 self.store.keep((xs, traj.xs))  # on the device or in host memory
                 logps.append(traj.logps)
@@ -175,9 +188,9 @@ class FlowGRPO(Algorithm):
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
         """Element (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row; only
         what this rank's elements reference is fetched from the ranks that sampled it."""
-        cfg, pol, G = self.cfg, self.policy, self.cfg.grpo.group_size
+        cfg, pol, G = self.cfg, self.policy, self.settings.group_size
         K = train_steps(cfg)
-        adv = group_advantages(rewards, G, reward_std, cfg.grpo.adv_clip)  # needs this rank's whole groups
+        adv = group_advantages(rewards, G, reward_std, self.settings.adv_clip)  # needs this rank's whole groups
         xs, logps = batch.data["xs"], batch.data["logps"]  # [rows, T + 1, ...], [rows, T]
         rows, k = order // K, order % K
         at = rows * xs.shape[1] + k  # the element's state in this rank's flattened [rows · (T + 1)]
@@ -191,7 +204,8 @@ class FlowGRPO(Algorithm):
         groups, group_slot = torch.unique(rows // G, return_inverse=True)
         embeds, pooled = fetch(groups, batch.data["cond"].embeds, batch.data["cond"].pooled)
         sig = [float(v) for v in pol.sigmas]
-        coef = torch.tensor([sde_coefficients(sig[i], sig[i + 1], cfg.grpo.noise_level) for i in range(len(sig) - 1)],
+        coef = torch.tensor([sde_coefficients(sig[i], sig[i + 1], self.settings.noise_level)
+                             for i in range(len(sig) - 1)],
                             device=pol.device)  # [T, 4]: x weight, v weight, step std, σ_t
         dev = pol.device
         k, slot, group_slot = k.to(dev), slot.to(dev), group_slot.to(dev)
@@ -204,11 +218,11 @@ class FlowGRPO(Algorithm):
             v = pol.train_velocity(x, sigmas[kp], c)
             mean = sde_mean(x.float(), v, x_w, v_w)
             loss, metrics = grpo_loss(gaussian_logp(x_next_p, mean, std), logp_old[p], adv[slot[p]],
-                                      cfg.grpo.clip_range)
-            if cfg.grpo.kl_beta > 0:
+                                      self.settings.clip_range)
+            if self.settings.kl_beta > 0:
                 mean_ref = sde_mean(x.float(), pol.base_velocity(x, sigmas[kp], c), x_w, v_w)
                 kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * sigma_t ** 2)).mean()
-                loss = loss + cfg.grpo.kl_beta * kl
+                loss = loss + self.settings.kl_beta * kl
                 metrics["kl"] = kl.detach()
             return loss, metrics
 

@@ -12,20 +12,17 @@ its tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fdfo import tasks
-from fdfo.config import ConfigError
+from fdfo.errors import ConfigError
 from fdfo.models.base import Conditioning, FlowModel, model_index
 from fdfo.models.flux import FluxFlowModel
 from fdfo.models.sd3 import SD3FlowModel
 
 FAMILIES: tuple[type[FlowModel], ...] = (SD3FlowModel, FluxFlowModel)
-
-
-def family_options() -> dict[str, object]:
-    """The ``model.*`` keys that belong to one family (``FlowModel.OPTIONS``), with their defaults."""
-    return {key: default for family in FAMILIES for key, default in family.OPTIONS.items()}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -56,21 +53,24 @@ def family_for(model_cfg) -> type[FlowModel]:
     return family_of(model_cfg.path, model_cfg.revision)
 
 
-def load_flow_model(model_cfg, device: torch.device, *, shift: float | None = None,
+def load_flow_model(model_cfg, device: torch.device, *, options=None, shift: float | None = None,
                     progress: bool = True) -> FlowModel:
     """The model of a ``ModelConfig`` (path, revision, dtype, text length, resolution, cache_dir, attention
-    backend, the family's own options) on ``device``. The family and its options are checked before any
-    weight is read."""
+    backend) on ``device``, with ``options``: the family's own settings (an instance of its ``Options``;
+    None = their defaults). The family and the attention backend are checked before any weight is read."""
     path = tasks.resolve_model_path(model_cfg.path, model_cfg.cache_dir, progress=progress)
     family = family_of(path, model_cfg.revision)
-    options = family.check_options(model_cfg)
+    family.check_settings(model_cfg)
+    if options is None and family.Options is not None:
+        options = family.Options()
     model = family(
         path, device=device, dtype=resolve_dtype(model_cfg.dtype, device), revision=model_cfg.revision,
-        max_sequence_length=model_cfg.max_sequence_length, resolution=model_cfg.resolution, shift=shift, **options,
+        max_sequence_length=model_cfg.max_sequence_length, resolution=model_cfg.resolution, shift=shift,
+        **(dataclasses.asdict(options) if options is not None else {}),
     )
     model.set_attention_backend(model_cfg.attention_backend)
     return model
 
 
 __all__ = ["FAMILIES", "Conditioning", "FlowModel", "FluxFlowModel", "SD3FlowModel", "family_for", "family_of",
-           "family_options", "load_flow_model", "resolve_dtype"]
+           "load_flow_model", "resolve_dtype"]

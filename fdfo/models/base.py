@@ -11,15 +11,18 @@ that loads its diffusers components with ``from_pretrained`` and implements the 
     _forward(net, x, σ, c)    one transformer call on the state x [B, C, H, W] -> velocity, fp32
 
 and declares ``family``, ``TRANSFORMER`` (the diffusers class name that ``model_index.json`` gives its
-transformer: how a model directory's family is recognised), ``LORA_TARGETS`` (the default adapted
-modules), ``OPTIONS`` (the ``model.*`` config keys only this family takes, with their defaults) and
-``PATCH`` (latent pixels per token side packed outside the transformer).
+transformer: how a model directory's family is recognised), ``PIPELINE`` (the diffusers pipeline class
+whose components it loads), ``LORA_TARGETS`` (the default adapted modules), ``Options`` (a dataclass
+of the settings only this family takes: the run config's section named after the family, e.g.
+``flux.guidance``) and ``PATCH`` (latent pixels per token side packed outside the transformer).
 Everything else (CFG, decoding, LoRA and its export in the family pipeline's own format, gradient
 checkpointing, full fine-tuning) is written once here. ``fdfo.models.FAMILIES`` lists the families.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -30,7 +33,8 @@ import torch
 from torch import nn
 
 from fdfo import adapters
-from fdfo.config import ConfigError, LoraConfig
+from fdfo.config import LoraConfig
+from fdfo.errors import ConfigError
 
 
 @dataclass
@@ -99,8 +103,11 @@ class FlowModel(ABC):
 
     family: ClassVar[str]
     TRANSFORMER: ClassVar[str]
+    PIPELINE: ClassVar[str]
     LORA_TARGETS: ClassVar[tuple[str, ...]]
-    OPTIONS: ClassVar[dict[str, object]] = {}
+    # The family's own settings, a frozen dataclass whose fields are keyword arguments of its constructor;
+    # the run config's section named after the family holds them. None: the family has none.
+    Options: ClassVar[type | None] = None
     PATCH: ClassVar[int] = 1  # latent pixels per token side outside the transformer's own patch_size (FLUX packs 2×2)
 
     # Set by a family's constructor.
@@ -145,27 +152,46 @@ class FlowModel(ABC):
         σ [B] -> velocity [B, C, H, W] in fp32. σ reaches the network in fp32 whatever the weights' dtype."""
 
     @classmethod
-    def check_options(cls, model_cfg) -> dict:
-        """The family's keyword options from a ``ModelConfig``: a ConfigError naming any ``model.*`` key of
-        another family that is set, or an attention backend this family cannot apply."""
-        from fdfo.models import FAMILIES
-
-        for other in FAMILIES:
-            for key in other.OPTIONS:
-                if key not in cls.OPTIONS and getattr(model_cfg, key) is not None:
-                    raise ConfigError(f"config key 'model.{key}' is a {other.family} option, but model.path "
-                                      f"'{model_cfg.path}' is a {cls.family} model: remove it")
+    def check_settings(cls, model_cfg) -> None:
+        """A ConfigError for an attention backend this family cannot apply (before any weight is read)."""
         if model_cfg.attention_backend not in cls.attention_backends():
             raise ConfigError(f"model.attention_backend '{model_cfg.attention_backend}' is not available for "
                               f"{cls.family}; valid values: {', '.join(cls.attention_backends())}")
-        return {key: default if getattr(model_cfg, key) is None else getattr(model_cfg, key)
-                for key, default in cls.OPTIONS.items()}
 
     @classmethod
     def transformer_class(cls) -> type[nn.Module]:
         import diffusers
 
         return getattr(diffusers, cls.TRANSFORMER)
+
+    @classmethod
+    def from_transformer(cls, transformer: nn.Module, *, device: torch.device, dtype: torch.dtype,
+                         options=None) -> "FlowModel":
+        """The family's model around a transformer alone (weights in ``dtype`` on ``device``): no scheduler,
+        text encoders or VAE, so ``encode``, ``decode``, ``sigmas``, the LoRA export and the image geometry
+        are missing, while the transformer's side (``velocity``, ``add_lora``, ``enable_full_finetune``, the
+        attention backends) runs exactly as on a loaded model. The benchmarks time the published
+        architectures from random weights this way (``fdfo.models.flavours``), with no pipeline directory of
+        many gigabytes to write first. options: an instance of the family's ``Options`` (None: defaults)."""
+        import diffusers
+
+        pipeline = getattr(diffusers, cls.PIPELINE)
+        absent = {name: None for name, p in inspect.signature(pipeline).parameters.items() if p.default is p.empty}
+        model = cls.__new__(cls)  # (the constructor reads every component from a pipeline directory)
+        model.pipe = pipeline(**{**absent, "transformer": transformer})
+        model.transformer, model.vae, model.device, model.dtype = transformer, None, device, dtype
+        transformer.eval().requires_grad_(False)  # as from_pretrained and freeze() leave a loaded one
+        if options is None and cls.Options is not None:
+            options = cls.Options()
+        model._init_state(**(dataclasses.asdict(options) if options is not None else {}))
+        return model
+
+    def _init_state(self) -> None:
+        """What a model holds beside its components, set alike by the constructor and ``from_transformer``
+        (a family adds its own, and takes its ``Options`` here): no inference copy yet, the default
+        attention backend."""
+        self.inference_transformer = None
+        self.attention_backend = "native"
 
     def image_channels(self) -> int:
         """Channels of the decoded images (the VAE's outputs, or the state's own without a VAE)."""

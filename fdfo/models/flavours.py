@@ -6,7 +6,8 @@ transformers of the published SD3.5 Medium and SD3.5 Large checkpoints (their
 smoke runs. ``FLUX_ARCHS`` holds those of ``FluxTransformer2DModel`` for the published
 FLUX.1 [dev] transformer (19 double-stream and 38 single-stream blocks, 24 heads of 128,
 the distilled guidance input) and a tiny one. Benchmarks build random-init transformers
-from them (``build``): speed does not depend on the weight values.
+from them, each inside its family's flow model (``flow_model``), so they time the very
+transformer call and LoRA set-up that training runs: speed does not depend on the weight values.
 
 ``sample_size(name)`` is the latent side the model was trained at (1024² images, VAE factor
 8); a 512² image is a 64×64 latent (for FLUX, unpacked: 32×32 tokens of 2×2 patches).
@@ -76,19 +77,19 @@ def build(name: str) -> nn.Module:
     return family(name).transformer_class()(**kwargs(name))
 
 
+def flow_model(name: str, device: torch.device, dtype: torch.dtype):
+    """The family's flow model (``FlowModel.from_transformer``) around a random-init transformer of the
+    architecture, built on ``device`` (seconds on a GPU, where the host takes minutes for billions of
+    parameters) in ``dtype``; random draws from torch's global generator."""
+    with torch.device(device):
+        transformer = build(name).to(dtype)
+    return family(name).from_transformer(transformer, device=device, dtype=dtype)
+
+
 def sample_size(name: str) -> int:
     """The latent side (unpacked) of the resolution the model was trained at."""
     _check(name)
     return ARCHS[name]["sample_size"] if name in ARCHS else _FLUX_SAMPLE_SIZE[name]
-
-
-def lora_targets(name: str, transformer: nn.Module) -> list[str]:
-    """The peft targets the trainer adapts by default (the family's ``LORA_TARGETS``, as its
-    ``lora_targets`` makes them specific) on a transformer of this architecture."""
-    from fdfo.models.flux import lora_targets_for
-
-    targets = list(family(name).LORA_TARGETS)
-    return lora_targets_for(transformer, targets) if name in FLUX_ARCHS else targets
 
 
 def parameter_count(name: str) -> int:

@@ -9,7 +9,7 @@ velocity again; diffusers' own static helpers do both, so the layout cannot
 drift from the pipeline's.
 
 FLUX.1 [dev] is guidance-distilled: the guidance strength is an input of the
-transformer (``flux_guidance``, FluxPipeline's ``guidance_scale``), not a
+transformer (``flux.guidance``, FluxPipeline's ``guidance_scale``), not a
 second forward. Real classifier-free guidance (``guidance_scale`` of
 ``velocity`` with a negative prompt) works as for SD3 and is off by default.
 
@@ -19,15 +19,26 @@ resolution-dependent ``mu`` of the scheduler config (``use_dynamic_shifting``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from fdfo.config import ConfigError
+from fdfo.config import above, check
+from fdfo.errors import ConfigError
 from fdfo.models.base import Conditioning, FlowModel, components
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+@dataclass(frozen=True)
+class FluxOptions:
+    """FLUX.1's own settings (read when model.path is a FLUX.1 pipeline)."""
+
+    # FLUX.1 [dev]'s distilled guidance strength, an input of its transformer (FluxPipeline's guidance_scale);
+    # [schnell] takes none.
+    guidance: float = field(default=3.5, metadata=check(above(0)))
 
 
 class FluxFlowModel(FlowModel):
@@ -35,7 +46,8 @@ class FluxFlowModel(FlowModel):
 
     family = "flux"
     TRANSFORMER = "FluxTransformer2DModel"
-    OPTIONS = {"flux_guidance": 3.5}  # FLUX.1 [dev]'s distilled guidance (FluxPipeline's guidance_scale)
+    PIPELINE = "FluxPipeline"
+    Options = FluxOptions
     PATCH = 2  # the pipeline packs 2×2 latent patches into a token (the transformer's patch_size is 1)
     # Attention projections of the double-stream blocks (image and text streams) and of the single-stream
     # blocks. A single block has no attention output projection of its own: its `proj_out` maps the
@@ -46,9 +58,9 @@ class FluxFlowModel(FlowModel):
 
     def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None,
                  max_sequence_length: int = 512, resolution: int | None = None, shift: float | None = None,
-                 flux_guidance: float = 3.5):
+                 guidance: float = 3.5):
         """shift: None = the scheduler's resolution-dependent shift (FluxPipeline's); a number replaces it
-        by that fixed shift. flux_guidance: the distilled guidance strength given to the transformer when it
+        by that fixed shift. guidance: the distilled guidance strength given to the transformer when it
         takes one (FLUX.1 [dev]: ``guidance_embeds``); ignored otherwise ([schnell])."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -75,13 +87,8 @@ class FluxFlowModel(FlowModel):
             tokenizer=load(AutoTokenizer, "tokenizer"), tokenizer_2=load(AutoTokenizer, "tokenizer_2"),
         )
         self.freeze()
-        self.inference_transformer = None
-        self.attention_backend = "native"
+        self._init_state(guidance)
         self.max_sequence_length = max_sequence_length
-        self.flux_guidance = flux_guidance
-        # Position ids and guidance vectors per shape and device, built once: a tensor made on the CPU and
-        # copied to the GPU inside a CUDA-graph capture would fail (the sampler's warm-up builds them first).
-        self._inputs: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         scale = self.pipe.vae_scale_factor
         resolution = resolution or self.pipe.default_sample_size * scale  # FluxPipeline's default size
         if resolution % (2 * scale):
@@ -90,6 +97,13 @@ class FluxFlowModel(FlowModel):
         side = resolution // scale
         self.latent_shape = (self.transformer.config.in_channels // 4, side, side)  # [C, H, W], unpacked
         self.path = path
+
+    def _init_state(self, guidance: float) -> None:
+        super()._init_state()
+        self.flux_guidance = guidance
+        # Position ids and guidance vectors per shape and device, built once: a tensor made on the CPU and
+        # copied to the GPU inside a CUDA-graph capture would fail (the sampler's warm-up builds them first).
+        self._inputs: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ components
 
@@ -104,12 +118,11 @@ class FluxFlowModel(FlowModel):
         return tuple(b.value for b in AttentionBackendName)
 
     @classmethod
-    def check_options(cls, model_cfg) -> dict:
+    def check_settings(cls, model_cfg) -> None:
         """The protocol's checks, and an attention backend whose package is missing (flash-attn,
         sageattention, xformers, ...): all before any weight is read."""
-        options = super().check_options(model_cfg)
+        super().check_settings(model_cfg)
         check_backend_usable(model_cfg.attention_backend)
-        return options
 
     def set_attention_backend(self, name: str) -> None:
         """Choose the attention kernel among diffusers' attention backends: ``native`` (PyTorch SDPA picks
@@ -133,7 +146,14 @@ class FluxFlowModel(FlowModel):
         self.attention_backend = name
 
     def lora_targets(self, names: list[str]) -> list[str]:
-        return lora_targets_for(self.transformer, names)
+        """peft matches a name by its end, so a bare ``proj_out`` (the single blocks' output projection) would
+        also reach the model's final layer, the top-level ``proj_out``: it is replaced by the single blocks'
+        full names, which the saved adapter config then lists for diffusers' loader."""
+        targets = [t for t in names if t != "proj_out"]
+        if len(targets) < len(names):
+            blocks = len(self.transformer.single_transformer_blocks)
+            targets += [f"single_transformer_blocks.{i}.proj_out" for i in range(blocks)]
+        return targets
 
     # ------------------------------------------------------------------ the protocol
 
@@ -189,18 +209,6 @@ class FluxFlowModel(FlowModel):
                   img_ids=img_ids, return_dict=False)[0]
         scale = self.pipe.vae_scale_factor  # _unpack_latents takes the image size in pixels
         return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale).float()
-
-
-def lora_targets_for(transformer: nn.Module, names: list[str]) -> list[str]:
-    """The peft target names of ``names`` on a FLUX transformer (``FluxFlowModel.lora_targets``; the
-    benchmarks call it on a bare transformer). peft matches a name by its end, so a bare ``proj_out`` (the
-    single blocks' output projection) would also reach the model's final layer, the top-level ``proj_out``:
-    it is replaced by the single blocks' full names, which the saved adapter config then lists for
-    diffusers' loader."""
-    targets = [t for t in names if t != "proj_out"]
-    if len(targets) < len(names):
-        targets += [f"single_transformer_blocks.{i}.proj_out" for i in range(len(transformer.single_transformer_blocks))]
-    return targets
 
 
 def check_backend_usable(name: str) -> None:

@@ -14,7 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fdfo.config import ConfigError
+from fdfo.errors import ConfigError
 from fdfo.models.base import Conditioning, FlowModel, components
 
 COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -29,6 +29,7 @@ class SD3FlowModel(FlowModel):
 
     family = "sd3"
     TRANSFORMER = "SD3Transformer2DModel"
+    PIPELINE = "StableDiffusion3Pipeline"
     # The published adapter's modules: the joint attention's projections (image and text stream) of every
     # block. peft matches a target against the end of a module's name, so the "attn." prefix keeps SD3.5
     # Medium's second self-attention (attn2 in its dual-attention blocks) out; a bare "to_q" would reach it.
@@ -64,13 +65,16 @@ class SD3FlowModel(FlowModel):
         self.pipe = StableDiffusion3Pipeline(**parts)
         self.vae = parts["vae"]
         self.freeze()
-        self.inference_transformer = None
-        self.attention_backend, self._sdpa_kernel = "native", None
+        self._init_state()
         self.max_sequence_length = max_sequence_length
         scale = self.pipe.vae_scale_factor if self.vae is not None else 1
         side = (resolution or self.transformer.config.sample_size * scale) // scale
         self.latent_shape = (self.transformer.config.in_channels, side, side)  # [C, H, W]
         self.path = path
+
+    def _init_state(self) -> None:
+        super()._init_state()
+        self._sdpa_kernel = None  # PyTorch picks the SDPA kernel
 
     # ------------------------------------------------------------------ components
 

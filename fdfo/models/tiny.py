@@ -15,7 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
+from fdfo.context import global_rng
 
 CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
@@ -95,44 +95,44 @@ def build_tiny_sd3_pipeline(
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, out_channels=in_channels,
-        num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-        joint_attention_dim=t5_dim, caption_projection_dim=num_attention_heads * attention_head_dim,
-        pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=max(sample_size // patch_size, 2),
-        dual_attention_layers=dual_attention_layers,  # SD3.5 Medium's blocks with a second self-attention
-    )
-    clip_cfg = dict(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_text_tokens,
-        projection_dim=clip_hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-    tokenizer = clip_tokenizer(max_text_tokens)
-    text_encoder_3 = tokenizer_3 = None
-    if with_t5:
-        tokenizer_3 = ByT5Tokenizer()
-        text_encoder_3 = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer_3), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8,
-        ))
-    vae = None
-    if with_vae:
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-            layers_per_block=1, latent_channels=in_channels, norm_num_groups=4, sample_size=2 * sample_size,
-            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    with global_rng(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, out_channels=in_channels,
+            num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            joint_attention_dim=t5_dim, caption_projection_dim=num_attention_heads * attention_head_dim,
+            pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=max(sample_size // patch_size, 2),
+            dual_attention_layers=dual_attention_layers,  # SD3.5 Medium's blocks with a second self-attention
         )
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
-    )
-    return pipe
+        clip_cfg = dict(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_text_tokens,
+            projection_dim=clip_hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            hidden_act="gelu",
+        )
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+        tokenizer = clip_tokenizer(max_text_tokens)
+        text_encoder_3 = tokenizer_3 = None
+        if with_t5:
+            tokenizer_3 = ByT5Tokenizer()
+            text_encoder_3 = T5EncoderModel(T5Config(
+                vocab_size=len(tokenizer_3), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=2,
+                relative_attention_num_buckets=8,
+            ))
+        vae = None
+        if with_vae:
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                layers_per_block=1, latent_channels=in_channels, norm_num_groups=4, sample_size=2 * sample_size,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+            )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+            text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        )
+        return pipe
 
 
 def build_tiny_flux_pipeline(
@@ -159,36 +159,36 @@ def build_tiny_flux_pipeline(
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     latent_channels = 16
-    torch.manual_seed(seed)
-    # The rotary axes (text index, row, column) split each head's dimensions as FLUX's (16, 56, 56) splits 128.
-    rope_side = attention_head_dim * 7 // 16 // 2 * 2
-    rope = (attention_head_dim - 2 * rope_side, rope_side, rope_side)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=t5_dim,
-        pooled_projection_dim=clip_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=rope,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_text_tokens,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
-    ))
-    tokenizer_2 = ByT5Tokenizer()
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(max_text_tokens),
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
+    with global_rng(seed):
+        # The rotary axes (text index, row, column) split each head's dimensions as FLUX's (16, 56, 56) splits 128.
+        rope_side = attention_head_dim * 7 // 16 // 2 * 2
+        rope = (attention_head_dim - 2 * rope_side, rope_side, rope_side)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=t5_dim,
+            pooled_projection_dim=clip_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=rope,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=clip_hidden, intermediate_size=2 * clip_hidden,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_text_tokens,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+        ))
+        tokenizer_2 = ByT5Tokenizer()
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8,
+        ))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+            layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        return FluxPipeline(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(max_text_tokens),
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        )

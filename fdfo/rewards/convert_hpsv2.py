@@ -287,31 +287,16 @@ def clip_image_processor(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP
 # --------------------------------------------------------------------------- the command
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Refuse an existing non-empty or unwritable OUT_DIR before anything is loaded."""
-    out = Path(out_dir).expanduser()
-    fix = "give a new directory that can be created and written to"
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"OUT_DIR '{out_dir}' is an existing file; {fix}")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConversionError(f"OUT_DIR '{out_dir}' exists and is not empty; {fix} (or remove that one first)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.probe."))
-        probe.rmdir()
-    except OSError as exc:
-        raise ConversionError(f"OUT_DIR '{out_dir}' cannot be written ({exc.strerror or exc}); {fix}") from exc
-    return out
-
-
 def convert(checkpoint: str | Path, out_dir: str | Path, arch: str = "ViT-H-14", dtype: str = "auto") -> Path:
     """Write the transformers CLIPModel directory of an HPSv2 open_clip checkpoint; returns it."""
     from transformers import CLIPModel
 
     from fdfo import atomic
     from fdfo.models.tiny import clip_tokenizer
+    from fdfo.outputs import check_out_dir
 
-    out = prepare_out_dir(out_dir)
+    out = check_out_dir(out_dir, "OUT_DIR", empty=True)  # before anything is loaded
+    out.parent.mkdir(parents=True, exist_ok=True)  # the model is written beside it, then renamed into place
     name, oc_cfg = open_clip_config(arch)
     config = clip_config(name, oc_cfg)
     tokenizer = clip_tokenizer(config.text_config.max_position_embeddings)  # (fails early without the wheel)

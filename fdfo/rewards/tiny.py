@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from fdfo.context import global_rng
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
@@ -35,20 +35,20 @@ def build_tiny_clip(out_dir: str | Path, *, seed: int = 0, image_size: int = 32,
 
     from fdfo.models.tiny import CLIP_VOCAB_SIZE, clip_tokenizer
 
-    torch.manual_seed(seed)
-    text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407, projection_dim=projection_dim)
-    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size, projection_dim=projection_dim)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
-    if logit_scale is not None:
-        model.logit_scale.data.fill_(logit_scale)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    clip_tokenizer().save_pretrained(out)
-    _clip_image_processor(image_size).save_pretrained(out)
-    return out
+    with global_rng(seed):
+        text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=49407, projection_dim=projection_dim)
+        vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=image_size, patch_size=patch_size, projection_dim=projection_dim)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+        if logit_scale is not None:
+            model.logit_scale.data.fill_(logit_scale)
+        out = Path(out_dir)
+        model.save_pretrained(out)
+        clip_tokenizer().save_pretrained(out)
+        _clip_image_processor(image_size).save_pretrained(out)
+        return out
 
 
 def qwen_tokenizer():
@@ -86,27 +86,27 @@ def build_tiny_qwen_vl(out_dir: str | Path, *, seed: int = 0, hidden: int = 32, 
     except ImportError:  # transformers 4
         from transformers import Qwen2VLImageProcessor as Processor
 
-    torch.manual_seed(seed)
-    tok = qwen_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = hidden // 4
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]}),
-        vision_config=dict(depth=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2,
-                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, fullatt_block_indexes=[layers - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    Processor(min_pixels=28 * 28, max_pixels=1024 * 1024, patch_size=14, merge_size=2,
-              temporal_patch_size=2).save_pretrained(out)
-    return out
+    with global_rng(seed):
+        tok = qwen_tokenizer()
+        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+        head_dim = hidden // 4
+        cfg = Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=2048, bos_token_id=ids["<|endoftext|>"],
+                             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                              "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]}),
+            vision_config=dict(depth=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2,
+                               out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=112, fullatt_block_indexes=[layers - 1]),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        out = Path(out_dir)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        Processor(min_pixels=28 * 28, max_pixels=1024 * 1024, patch_size=14, merge_size=2,
+                  temporal_patch_size=2).save_pretrained(out)
+        return out

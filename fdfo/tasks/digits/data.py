@@ -21,6 +21,7 @@ DIGIT_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
 IMAGE_SIZE = 16  # side of the images the reward models read
+BASE_DIR_NAME = "digits-base-v2"  # the cached base model's folder; v2: stops at 50% classifier accuracy
 TEST_PER_CLASS = 100  # the last 100 digits of each class (in file order) are held out
 # The data and vocabulary the task builds its models from ship in two wheels (read, never imported;
 # their own dependencies are not needed). scripts/bootstrap.sh installs the same two.

@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import atomic
+from fdfo import atomic, tasks
+from fdfo.context import global_rng
 from fdfo.models.tiny import build_tiny_sd3_pipeline
 from fdfo.sampling import sample_deterministic
-from fdfo.tasks import cache_root
-from fdfo.tasks.digits import BASE_DIR_NAME, base_model_dir
-from fdfo.tasks.digits.data import DIGIT_PROMPTS, IMAGE_SIZE, digit_prompt, load_digits, prompt_digits
+from fdfo.tasks.digits.data import BASE_DIR_NAME, DIGIT_PROMPTS, IMAGE_SIZE, digit_prompt, load_digits, prompt_digits
 from fdfo.tasks.digits.reward_models import CLASSIFIER_FILE, load_module
 
 MAX_TEXT_TOKENS = 12  # CLIP tokens: "a handwritten digit seven" is 7 with its start and end tokens
@@ -72,52 +71,52 @@ def pretrain_digits_base(out_dir: Path, reward_dir: Path, *, seed: int = 0, max_
                          eval_every: int = 100, eval_per_digit: int = 20, sample_steps: int = 10,
                          progress: bool = True) -> dict:
     """Trains the base with flow matching until the classifier accuracy of its samples ≥ target."""
-    torch.manual_seed(seed)
-    pipe = digits_pipeline(seed)
-    data = load_digits()
-    images = data.train_images * 2 - 1  # [N, 1, 16, 16] in [-1, 1]
-    labels = data.train_labels
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(list(DIGIT_PROMPTS), None, None,
-                                                   do_classifier_free_guidance=False,
-                                                   max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
-    net = pipe.transformer.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    scorer = DigitClassifierAccuracy(reward_dir)
-    eval_prompts = [digit_prompt(k) for k in range(10) for _ in range(eval_per_digit)]
-    g = torch.Generator().manual_seed(seed)
-    history, acc, step = [], 0.0, 0
-    start = time.time()
-    bar = tqdm(range(1, max_steps + 1), desc="pretrain digits base", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(images), (batch_size,), generator=g)
-        x0, y = images[idx], labels[idx]
-        eps = torch.randn(x0.shape, generator=g)
-        sigma = torch.sigmoid(torch.randn(batch_size, generator=g))  # logit-normal σ, as SD3 trains
-        s = sigma.view(-1, 1, 1, 1)
-        x = (1 - s) * x0 + s * eps
-        v = net(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds[y],
-                pooled_projections=pooled[y], return_dict=False)[0]
-        loss = (v - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        if step % eval_every == 0:
-            net.eval()
-            samples = euler_samples(pipe, eval_prompts, sample_steps, seed + 1)
-            acc = float(scorer(eval_prompts, samples).mean())
-            net.train()
-            history.append({"step": step, "loss": float(loss.detach()), "accuracy": acc,
-                            "seconds": round(time.time() - start, 1)})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
-            if acc >= target_accuracy:
-                break
-    net.eval()
-    info = {"steps": step, "classifier_accuracy": acc, "target_accuracy": target_accuracy, "seed": seed,
-            "seconds": round(time.time() - start, 1), "history": history}
-    _save_pipeline_atomically(pipe, out_dir, info)
-    return info
+    with global_rng(seed):
+        pipe = digits_pipeline(seed)
+        data = load_digits()
+        images = data.train_images * 2 - 1  # [N, 1, 16, 16] in [-1, 1]
+        labels = data.train_labels
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(list(DIGIT_PROMPTS), None, None,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=T5_TOKENS, device=torch.device("cpu"))
+        net = pipe.transformer.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        scorer = DigitClassifierAccuracy(reward_dir)
+        eval_prompts = [digit_prompt(k) for k in range(10) for _ in range(eval_per_digit)]
+        g = torch.Generator().manual_seed(seed)
+        history, acc, step = [], 0.0, 0
+        start = time.time()
+        bar = tqdm(range(1, max_steps + 1), desc="pretrain digits base", disable=not progress)
+        for step in bar:
+            idx = torch.randint(len(images), (batch_size,), generator=g)
+            x0, y = images[idx], labels[idx]
+            eps = torch.randn(x0.shape, generator=g)
+            sigma = torch.sigmoid(torch.randn(batch_size, generator=g))  # logit-normal σ, as SD3 trains
+            s = sigma.view(-1, 1, 1, 1)
+            x = (1 - s) * x0 + s * eps
+            v = net(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds[y],
+                    pooled_projections=pooled[y], return_dict=False)[0]
+            loss = (v - (eps - x0)).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            if step % eval_every == 0:
+                net.eval()
+                samples = euler_samples(pipe, eval_prompts, sample_steps, seed + 1)
+                acc = float(scorer(eval_prompts, samples).mean())
+                net.train()
+                history.append({"step": step, "loss": float(loss.detach()), "accuracy": acc,
+                                "seconds": round(time.time() - start, 1)})
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
+                if acc >= target_accuracy:
+                    break
+        net.eval()
+        info = {"steps": step, "classifier_accuracy": acc, "target_accuracy": target_accuracy, "seed": seed,
+                "seconds": round(time.time() - start, 1), "history": history}
+        _save_pipeline_atomically(pipe, out_dir, info)
+        return info
 
 
 class DigitClassifierAccuracy:
@@ -152,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="cache root (default: ~/.cache/fdfo or $FDFO_CACHE)")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
     args = parser.parse_args(argv)
-    root = cache_root(str(args.out) if args.out else None)
+    root = tasks.cache_root(str(args.out) if args.out else None)
     if args.force:
         shutil.rmtree(root / BASE_DIR_NAME, ignore_errors=True)
-    print(base_model_dir(root))
+    print(tasks.get("builtin:digits").model_path(root, True))  # (through the registry: this module is its builder)
 
 
 if __name__ == "__main__":
