@@ -30,7 +30,8 @@ A run config is a YAML file of these sections (`--config FILE.yaml`), or a built
 job (`--config builtin:digits`), over the defaults below: the published FDFO recipe for SD3.5
 Medium. Any key can be overridden on the command line as `--section.key value`
 (`--fdfo.clip_range 0.05`, `--reward.weights.vlm_alignment 0.2`; `null` removes a mapping entry).
-`python fdfo/train.py --config FILE.yaml --print-config` prints the resolved config.
+`python fdfo/train.py --config FILE.yaml --print-config` prints the resolved config with each key's
+meaning, leaving out the sections the run does not read; the output is a config file that loads back.
 
 The `fdfo` and `flow_grpo` sections belong to the algorithm that `train.algorithm` names, the
 `churn.<schedule>` subsections to the schedule that `churn.schedule` names, and the `flux` section
