@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fdfo import distributed
+from fdfo.context import RunContext
 from fdfo.errors import ConfigError
 
 ADAPTER_DIR = "adapter"
@@ -163,10 +164,10 @@ class InferenceCopy:
 class Engine:
     """DeepSpeed engine around the flow model's transformer, with AdamW on its trainable weights."""
 
-    def __init__(self, cfg, model, layout):
+    def __init__(self, cfg, model, layout, ctx: RunContext):
         import deepspeed
 
-        self.cfg, self.model = cfg, model
+        self.cfg, self.model, self.ctx = cfg, model, ctx
         params = model.trainable_parameters()
         if not params:
             raise ValueError("the model has no trainable parameters (check lora.target_modules)")
@@ -174,7 +175,7 @@ class Engine:
         # Full fine-tuning of a bf16 model: DeepSpeed's bf16 mode (fp32 master weights in the optimizer).
         # LoRA keeps its trainable weights in fp32 beside the frozen bf16 base, so it needs no mode.
         bf16 = not cfg.lora.enabled and model.dtype == torch.bfloat16
-        self.ds_config = deepspeed_config(cfg, layout, distributed.world_size(), bf16=bf16)
+        self.ds_config = deepspeed_config(cfg, layout, ctx.world_size, bf16=bf16)
         optimizer = adamw(params, self.ds_config, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                           eps=t.adam_eps, weight_decay=t.weight_decay)
         # ``module``: the DeepSpeed engine wrapping the transformer; training forwards go through it
@@ -281,13 +282,13 @@ class Engine:
             # Full fine-tuning under ZeRO-3: refresh the persistent copy (gathered in bounded chunks)
             # and write it, rather than gathering the whole model a second time beside it.
             self.inference_copy.sync()
-            if distributed.rank() == 0:
+            if self.ctx.rank == 0:
                 self.inference_copy.module.save_pretrained(directory / TRANSFORMER_DIR)
             return
         transformer = self.model.transformer
         exported = self.model.trainable_parameters() if self.cfg.lora.enabled else list(transformer.parameters())
         with self.inference_weights(exported):  # ZeRO-3: gather what is exported into the module, every rank
-            if distributed.rank() == 0:
+            if self.ctx.rank == 0:
                 if self.cfg.lora.enabled:
                     self.model.save_lora(directory / ADAPTER_DIR)
                 else:

@@ -149,7 +149,7 @@ class Trainer:
             self.model.enable_full_finetune()
         if cfg.train.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
-        self.engine = Engine(cfg, self.model, self.layout)
+        self.engine = Engine(cfg, self.model, self.layout, self.ctx)
         self.policy = Policy(cfg, self.model, self.engine, self.ctx)
         self.algorithm = algorithm(cfg, self.policy, self.prompts, self.layout)
         self.gpu_stats = GpuStats(self.device)
