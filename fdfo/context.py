@@ -62,7 +62,6 @@ def global_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     """torch's global generator (and ``device``'s, for a GPU) seeded with ``seed`` inside the block and
     restored after it: for library code that draws from it (diffusers and peft initialise weights there)."""
     device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield

@@ -21,6 +21,7 @@ A built-in task's default job is a preset on top of them (``--config builtin:dig
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -117,32 +118,16 @@ def with_overrides(cfg: RunConfig, *layers: dict) -> RunConfig:
 
 def migrate(saved: dict) -> dict:
     """A run config saved by an earlier version (a checkpoint's), with every moved key in its new place."""
-    out: dict = {}
-    for key, value in _flatten(saved).items():
-        for old, new in _MOVED.items():
-            if key == old or key.startswith(old + "."):
-                key = new + key[len(old):]
-                break
-        node = out
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+    out = copy.deepcopy(saved)
+    for old, new in _MOVED.items():
+        *path, last = old.split(".")
+        parent = functools.reduce(lambda node, part: node.get(part) or {}, path, out)
+        if last in parent:
+            *to, name = new.split(".")
+            functools.reduce(lambda node, part: node.setdefault(part, {}), to, out)[name] = parent.pop(last)
+            if path and not parent:  # a section the move emptied
+                del out[path[0]]
     return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value and not _is_mapping_setting(f"{prefix}{key}"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _is_mapping_setting(key: str) -> bool:
-    return key in ("reward.weights", "reward.paths")
 
 
 # --------------------------------------------------------------------------- checks
@@ -187,6 +172,12 @@ def unread_sections(cfg: RunConfig) -> list[str]:
             + [f"churn.{name}" for name in SCHEDULES if name != cfg.churn.schedule])
 
 
+def _first_change(section, reference) -> tuple[str, object] | None:
+    """(field, value) of the first field of ``section`` that differs from ``reference``'s, or None."""
+    return next(((f.name, getattr(section, f.name)) for f in dataclasses.fields(section)
+                 if getattr(section, f.name) != getattr(reference, f.name)), None)
+
+
 def unread(cfg: RunConfig, reference: RunConfig, selector: str, sections: dict[str, str]) -> None:
     """A ConfigError for a key of a section that the choice ``selector`` leaves unread (``sections``: each
     option -> its section), set away from its value in ``reference``."""
@@ -194,13 +185,11 @@ def unread(cfg: RunConfig, reference: RunConfig, selector: str, sections: dict[s
     for option, key in sections.items():
         if option == chosen:
             continue
-        section = _get(cfg, key)
-        default = _get(reference, key)
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if value != getattr(default, f.name):
-                raise ConfigError(f"config key '{key}.{f.name}' is set ({value!r}), but {selector} is {chosen!r}, "
-                                  f"which does not read it: remove it, or set {selector} to {option!r}")
+        change = _first_change(_get(cfg, key), _get(reference, key))
+        if change is not None:
+            name, value = change
+            raise ConfigError(f"config key '{key}.{name}' is set ({value!r}), but {selector} is {chosen!r}, "
+                              f"which does not read it: remove it, or set {selector} to {option!r}")
 
 
 def check_family(cfg: RunConfig, family: type) -> None:
@@ -210,11 +199,10 @@ def check_family(cfg: RunConfig, family: type) -> None:
     for other in models.FAMILIES:
         if other is family or other.Options is None:
             continue
-        section, default = getattr(cfg, other.family), other.Options()
-        for f in dataclasses.fields(section):
-            if getattr(section, f.name) != getattr(default, f.name):
-                raise ConfigError(f"config key '{other.family}.{f.name}' is a {other.family} setting, but model.path "
-                                  f"'{cfg.model.path}' is a {family.family} model: remove it")
+        change = _first_change(getattr(cfg, other.family), other.Options())
+        if change is not None:
+            raise ConfigError(f"config key '{other.family}.{change[0]}' is a {other.family} setting, but model.path "
+                              f"'{cfg.model.path}' is a {family.family} model: remove it")
 
 
 def family_settings(run_config: dict) -> dict[str, dict]:

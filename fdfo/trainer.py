@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fdfo import adapters, algorithms, distributed, run_dir, settings, tasks
 from fdfo.algorithms.base import Policy
 from fdfo.checkpoint import CheckpointManager
-from fdfo.context import RunContext, Stream
+from fdfo.context import RunContext, Stream, global_rng
 from fdfo.engine import Engine
 from fdfo.errors import ConfigError
 from fdfo.gpu_stats import GpuStats
@@ -141,9 +141,7 @@ class Trainer:
             else:
                 # peft draws the new adapter from torch's global generator: seeded from the adapter's
                 # stream inside a fork, so the caller's generator is left as it was.
-                devices = [self.device] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-                    torch.manual_seed(self.ctx.seed_of(Stream.ADAPTER))
+                with global_rng(self.ctx.seed_of(Stream.ADAPTER), self.device):
                     self.model.add_lora(cfg.lora)
         else:
             self.model.enable_full_finetune()
