@@ -65,6 +65,17 @@ def optional(rule: Rule) -> Rule:
 
 BETA = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
 
+AUTO = "auto"  # a size or switch the run chooses for its device (fdfo.tuning)
+
+
+def positive_or_auto() -> Rule:
+    return Rule(lambda v: v == AUTO or (isinstance(v, int) and v > 0), 'a positive integer or "auto"')
+
+
+def switch_or_auto() -> dict:
+    """Field metadata: true, false or "auto" (the run decides for its device)."""
+    return choices(True, False, AUTO)
+
 
 def choices(*options, replaced: Mapping[str, str] | None = None) -> dict:
     """Field metadata: the value is one of ``options``; ``replaced`` maps former values to what replaced them."""
@@ -104,6 +115,9 @@ class ModelConfig:
     # other backends ("flash" for flash-attn, "_flash_3", "sage", "xformers", ...). Checked against the
     # model's family before its weights load.
     attention_backend: str = "native"
+    # torch.compile the transformer, once for both phases (sampling, inside its CUDA graph, and training):
+    # "auto" = on CUDA; a compilation failure falls back to eager with one line and compiled: false logged.
+    compile: bool | str = field(default=AUTO, metadata=switch_or_auto())
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,9 @@ class LoraConfig:
     # adapter_model.safetensors: a checkpoint's adapter/, or a published FDFO adapter) or
     # "owner/name/subfolder" on the hub. Its rank, alpha and targets replace the three keys above.
     init_adapter: str | None = None
+    # The adapter weights' dtype in the forward: "auto" = the model's dtype (bf16 on GPU: no fp32 upcast of
+    # the adapted activations; the optimizer keeps fp32 master weights), or "float32" throughout.
+    dtype: str = field(default=AUTO, metadata=choices(AUTO, "float32"))
 
 
 @dataclass(frozen=True)
@@ -134,10 +151,10 @@ class SamplingConfig:
     guidance_scale: float = field(default=1.0, metadata=check(above(0)))
     # The flow's time shift; null = the scheduler's configured shift (3.0 for SD3.5).
     shift: float | None = field(default=None, metadata=check(optional(above(0))))
-    micro_batch_pairs: int = field(default=3, metadata=check(above(0)))  # pairs per sampling forward (2x rows)
+    # Pairs per sampling forward (2x rows); "auto" = the most that fit the device's free memory (3 on CPU).
+    micro_batch_pairs: int | str = field(default=AUTO, metadata=check(positive_or_auto()))
     negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
     cuda_graphs: bool = True  # on CUDA: capture one sampling step as a CUDA graph and replay it
-    compile: bool = False  # torch.compile the velocity for sampling
 
 
 @dataclass(frozen=True)
@@ -147,7 +164,9 @@ class TrainConfig:
     # The RL algorithm, a name of fdfo.algorithms.ALGORITHMS; its settings are the section of that name.
     algorithm: str = "fdfo"
     epochs: int = field(default=100, metadata=check(above(0)))  # epochs to train (a resumed run continues to this)
-    micro_batch_rows: int = field(default=6, metadata=check(above(0)))  # training elements per forward/backward
+    # Training elements per forward/backward; "auto" = the largest divisor of an optimizer step's elements
+    # that fits the device's free memory (6 on CPU, or the nearest divisor below).
+    micro_batch_rows: int | str = field(default=AUTO, metadata=check(positive_or_auto()))
     learning_rate: float = field(default=3e-5, metadata=check(above(0)))  # AdamW's learning rate
     adam_beta1: float = field(default=0.9, metadata=check(BETA))  # AdamW's β1
     adam_beta2: float = field(default=0.999, metadata=check(BETA))  # AdamW's β2
@@ -158,10 +177,9 @@ class TrainConfig:
     seed: int = 0  # the run's seed: every random stream derives from it (fdfo.context.SeedStreams)
     # The fused kernels' backend: "auto" = Triton on CUDA, PyTorch elsewhere.
     kernels: str = field(default="auto", metadata=choices("auto", "triton", "torch"))
-    offload_text_encoders: bool = True  # move text encoders to CPU while training (GPU only)
-    # torch.compile the trained transformer through DeepSpeed's engine.compile (in place: the calls
-    # that sample from the module itself run compiled too). The first epoch pays the compilation.
-    compile: bool = False
+    # Move the text encoders to pinned CPU memory while training (GPU only); "auto" = only when they do not
+    # fit beside the training micro-batch.
+    offload_text_encoders: bool | str = field(default=AUTO, metadata=switch_or_auto())
     # Recompute each transformer block's activations in the backward pass instead of keeping them (diffusers'
     # own gradient checkpointing): less memory for 1024² or full fine-tuning, about a third more training compute.
     gradient_checkpointing: bool = False
@@ -193,6 +211,9 @@ class RewardConfig:
     paths: dict[str, str] = field(default_factory=dict)
     batch_size: int = field(default=8, metadata=check(at_least(1)))  # images per reward-model forward
     device: str | None = None  # e.g. "cuda:1" to keep reward models off the training GPU
+    # Decode and score each sampling micro-batch while the next one samples (a worker thread; on CUDA its
+    # own stream); false = decode and score the whole batch after sampling. Same rewards either way.
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -335,7 +356,13 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(key, value, inner[0], meta)
+        if len(inner) > 1:  # e.g. int | str: the first type that takes the value, then the field's own checks
+            for tp_i in inner[:-1]:
+                try:
+                    return _check_value(key, value, tp_i, meta)
+                except ConfigError:
+                    continue
+        return _check_value(key, value, inner[-1], meta)
     if tp is bool:
         if isinstance(value, bool):
             return value

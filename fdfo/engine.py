@@ -34,14 +34,17 @@ def deepspeed_config(cfg, layout, world_size: int, bf16: bool = False) -> dict:
     """
     t = cfg.train
     ds = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_rows,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_rows,
         "gradient_accumulation_steps": layout.grad_accum,
-        "train_batch_size": t.micro_batch_rows * layout.grad_accum * world_size,
+        "train_batch_size": layout.micro_batch_rows * layout.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every forward and step: off, so that the
+        # micro-batch loop never waits for the GPU (the trainer times epochs itself).
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.deepspeed.config:
         path, extra = Path(cfg.deepspeed.config), _read_ds_file(cfg)
@@ -187,8 +190,6 @@ class Engine:
         # when it steps our optimizer unwrapped (stage 0 in fp32: LoRA) the engine measures the norm itself.
         self._measure_norm = self.module.optimizer is optimizer
         self._grad_norm: float | None = None
-        if cfg.train.compile:
-            self.module.compile()  # torch.compile of the module, in place, with DeepSpeed's hooks in mind
         # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
         # not when the parameters are offloaded to the CPU, whose point is to keep full weights off the GPU.
         self.inference_copy = None

@@ -86,6 +86,8 @@ _MOVED: dict[str, str] = {
     **{f"sampling.churn_interval_{key}": f"churn.interval.{key}"
        for key in ("mu", "sigma", "weight", "weight_sigma", "soft_sigma")},
     "model.flux_guidance": "flux.guidance",
+    "sampling.compile": "model.compile",  # one compiled transformer serves both phases
+    "train.compile": "model.compile",
 }
 _REMOVED: dict[str, str] = {
     f"sampling.churn_logit_{name}": "the 'logit_normal' churn schedule it configured was replaced by the published "

@@ -11,6 +11,7 @@ index), so a resumed run repeats the uninterrupted run's epochs exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fdfo import adapters, algorithms, distributed, run_dir, settings, tasks
+from fdfo import adapters, algorithms, distributed, run_dir, settings, tasks, tuning
 from fdfo.algorithms.base import Policy
 from fdfo.checkpoint import CheckpointManager
 from fdfo.context import RunContext, Stream, global_rng
@@ -32,6 +33,7 @@ from fdfo.prompts import load_prompts
 from fdfo.report import RunReport
 from fdfo.rewards import build_reward, build_weighted_reward
 from fdfo.sampling import sample_deterministic
+from fdfo.scoring import Scorer
 from fdfo.settings import RunConfig
 
 DIVERSITY_SIDE = 64  # eval/pixel_diversity compares images area-downsampled to at most this many pixels a side
@@ -147,8 +149,12 @@ class Trainer:
             self.model.enable_full_finetune()
         if cfg.train.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        # The "auto" micro-batches and text-encoder placement, measured on the device (fdfo.tuning).
+        self.tuned = tuning.tune(cfg, self.model, self.layout.elements_per_step, self.layout.rows_per_rank // 2,
+                                 self.layout.micro_batch_rows, self._trajectory_bytes(), distributed.print0)
+        self.layout = dataclasses.replace(self.layout, micro_batch_rows=self.tuned.train_rows)
         self.engine = Engine(cfg, self.model, self.layout, self.ctx)
-        self.policy = Policy(cfg, self.model, self.engine, self.ctx)
+        self.policy = Policy(cfg, self.model, self.engine, self.ctx, sample_pairs=self.tuned.sample_pairs)
         self.algorithm = algorithm(cfg, self.policy, self.prompts, self.layout)
         self.gpu_stats = GpuStats(self.device)
 
@@ -163,15 +169,25 @@ class Trainer:
             distributed.print0(f"resumed from {start.checkpoint} at epoch {self.epoch} (learning rate "
                                f"{cfg.train.learning_rate:g})")
 
+    def _trajectory_bytes(self) -> int:
+        """Device bytes of an epoch's stored trajectories (states and velocities at every step; none on the
+        device with train.trajectory_device host): what training holds beside its micro-batch."""
+        if self.cfg.train.trajectory_device != "device":
+            return 0
+        per_state = math.prod(self.model.latent_shape) * self.model.dtype.itemsize
+        return 2 * (self.cfg.sampling.steps + 1) * self.layout.rows_per_rank * per_state
+
     # ------------------------------------------------------------------ the epoch
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
         t_start = time.time()
         self.gpu_stats.begin()
-        batch = self.algorithm.sample(epoch)
-        R, parts = self.reward(batch.prompts, batch.images)
-        R = R.to(self.device)
+        # Each sampled micro-batch is decoded and rewarded while the next one samples (reward.overlap).
+        with Scorer(self.policy.decode, self.reward, chunk=cfg.reward.batch_size,
+                    overlap=cfg.reward.overlap) as scorer:
+            batch = self.algorithm.sample(epoch, scorer)
+        R, parts = batch.rewards.to(self.device), batch.parts
         t_sampled = time.time()
         record, r_std, bad = self._reward_record(epoch, R, parts)
         if bad:
@@ -183,7 +199,7 @@ class Trainer:
             self.report.log("epoch", record, self.global_step)
             return record
 
-        if self.device.type == "cuda" and cfg.train.offload_text_encoders:
+        if self.tuned.offload_text_encoders:
             self.model.move_text_encoders("cpu")
         micro_loss = self.algorithm.elements(batch, R, r_std, self.my_elements(epoch))
         batch.data.clear()  # the elements hold what they fetched: the rank's own trajectories go before training
@@ -228,31 +244,42 @@ class Trainer:
         return perm[self.rank * E:(self.rank + 1) * E]
 
     def optimize(self, epoch: int, micro_loss) -> dict:
-        """The epoch's optimizer steps over this rank's elements (``micro_loss(positions)``, in order)."""
+        """The epoch's optimizer steps over this rank's elements (``micro_loss(positions)``, in order).
+
+        Nothing inside the micro-batch loop waits for the device: the loss's finiteness and the metrics
+        accumulate in device tensors and are read once per optimizer step, before that step's update
+        (a non-finite micro-batch stops the run there, the weights not updated)."""
         E = self.layout.elements_per_rank
         mb, steps, accum = self.layout.micro_batch_rows, self.layout.optimizer_steps, self.layout.grad_accum
         sums: dict[str, float] = {}
         bar = tqdm(total=E // mb, desc=f"epoch {epoch + 1} train", disable=not self.progress, leave=False)
         for s in range(steps):
-            acc: dict[str, float] = {}
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            acc: dict[str, torch.Tensor] = {}
             for m in range(accum):
                 start = (s * accum + m) * mb
-                loss, metrics = micro_loss(torch.arange(start, start + mb, device=self.device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the loss became non-finite at epoch {epoch + 1}, step {s + 1}; the weights were not "
-                        "updated and the last checkpoint is intact: lower train.learning_rate and resume")
+                loss, metrics = micro_loss(slice(start, start + mb))
+                finite = finite & torch.isfinite(loss.detach())
                 metrics["loss"] = loss.detach()
                 self.engine.backward(loss)
-                self.engine.step()
                 for key, value in metrics.items():
-                    acc[key] = acc.get(key, 0.0) + float(value) / accum
+                    value = value.detach().float() / accum
+                    acc[key] = acc[key] + value if key in acc else value
+                if m < accum - 1:
+                    self.engine.step()  # (DeepSpeed counts the micro-batch; no update before the boundary)
                 bar.update(1)
+            names = list(acc)
+            values = torch.stack([finite.float(), *(acc[k] for k in names)]).tolist()  # the step's one read
+            if values[0] != 1.0:
+                raise FloatingPointError(
+                    f"the loss became non-finite at epoch {epoch + 1}, step {s + 1}; the weights were not "
+                    "updated and the last checkpoint is intact: lower train.learning_rate and resume")
+            self.engine.step()  # the update, at the accumulation boundary
             self.global_step += 1
-            acc = distributed.mean_over_ranks(acc)
-            acc["grad_norm"] = self.engine.grad_norm()
-            self.report.log("step", {"epoch": epoch + 1, "step": self.global_step, **acc}, self.global_step)
-            for key, value in acc.items():
+            step = distributed.mean_over_ranks(dict(zip(names, values[1:])))
+            step["grad_norm"] = self.engine.grad_norm()
+            self.report.log("step", {"epoch": epoch + 1, "step": self.global_step, **step}, self.global_step)
+            for key, value in step.items():
                 if value is not None:
                     sums[key] = sums.get(key, 0.0) + value / steps
         bar.close()

@@ -81,11 +81,12 @@ class TrajectoryStore:
         return out
 
     def server(self, *tensors: torch.Tensor) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-        """``serve(p)``: each tensor's rows ``p`` (a micro-batch's positions) on the training device.
+        """``serve(p)``: each tensor's rows ``p`` (a micro-batch's positions: a slice, as the trainer gives
+        them, or an index tensor) on the training device.
 
-        On the device this indexes. In host memory it copies; positions given as consecutive runs
-        (the trainer's micro-batches) are read as slices, and the run after them is copied ahead on
-        a side stream while the caller computes with these."""
+        On the device this indexes (a slice is a view: nothing is copied or synchronised). In host memory
+        it copies; consecutive runs (slices, or index tensors that hold one) are read as slices, and the
+        run after them is copied ahead on a side stream while the caller computes with these."""
         if not self.host:
             return lambda p: [t[p] for t in tensors]
         return _HostServer(self, tensors)
@@ -124,12 +125,16 @@ class _HostServer:
     def _copy(self, start: int, size: int) -> list[torch.Tensor]:
         return [t[start:start + size].to(self.store.device, non_blocking=self.store.pin) for t in self.tensors]
 
-    def __call__(self, p: torch.Tensor) -> list[torch.Tensor]:
-        q = p.cpu()
-        size = q.numel()
-        start = int(q[0]) if size else 0
-        if size == 0 or not torch.equal(q, torch.arange(start, start + size)):
-            return [t[q].to(self.store.device) for t in self.tensors]  # not a run: no read-ahead
+    def __call__(self, p: slice | torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(p, slice):
+            start, stop, _ = p.indices(self.n)
+            size = max(stop - start, 0)
+        else:
+            q = p.cpu()
+            size = q.numel()
+            start = int(q[0]) if size else 0
+            if size == 0 or not torch.equal(q, torch.arange(start, start + size)):
+                return [t[q].to(self.store.device) for t in self.tensors]  # not a run: no read-ahead
         if self.ahead is not None and self.ahead[:2] == (start, size):
             out, event = self.ahead[2], self.ahead[3]
             if event is not None:

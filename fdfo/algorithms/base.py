@@ -4,8 +4,10 @@ An algorithm (FDFO, Flow-GRPO) is an object the trainer drives once per epoch:
 
     check(cfg)                class method: the algorithm's own config checks (a ConfigError)
     layout_for(cfg, world)    class method: the epoch's batch sizes, or a ConfigError at start-up
-    sample(epoch)             an epoch's batch: images and row prompts for the reward, plus
-                              whatever the algorithm keeps (trajectories, log-probabilities)
+    sample(epoch, scorer)     an epoch's batch: row prompts, and whatever the algorithm keeps
+                              (trajectories, log-probabilities); each sampled micro-batch's final
+                              states go to the scorer (fdfo.scoring), which decodes and rewards them
+                              while the next micro-batch samples
     elements(batch, R, std)   rewards in, the epoch's training elements out: how many there are
                               (over all ranks) and the micro-batch loss of any index set of them
     summary                   the metric names the one-line epoch summary shows
@@ -29,14 +31,17 @@ from typing import Callable, ClassVar, Iterator
 
 import torch
 
-from fdfo import distributed
+from fdfo import distributed, tuning
+from fdfo.config import AUTO
 from fdfo.context import RunContext, Stream
 from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
+from fdfo.scoring import Scorer
 from fdfo.trajectories import TrajectoryStore
 
-# A micro-batch loss: global element indices [mb] (this rank's slice of the shuffle) -> (loss, metrics).
-MicroLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+# A micro-batch loss: positions start:stop of this rank's training order (a slice: indexing with it neither
+# copies an index to the device nor reads one back) -> (loss, metrics as device tensors).
+MicroLoss = Callable[[slice], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 def valid_values(n: int, given: int, count: int = 8) -> str:
@@ -66,12 +71,15 @@ class Layout:
 
 @dataclass
 class Batch:
-    """One rank's sampled batch: ``images`` [rows, C, H, W] in [0, 1] with their ``prompts`` (one per row)
-    for the reward, and the algorithm's own tensors in ``data``."""
+    """One rank's sampled batch: ``images`` [rows, C, H, W] in [0, 1] with their ``prompts`` (one per row),
+    the algorithm's own tensors in ``data``, and the rows' ``rewards`` [rows] with the reward's ``parts``
+    when ``sample`` was given a scorer with a reward (``fdfo.scoring``)."""
 
     prompts: list[str]
     images: torch.Tensor
     data: dict = field(default_factory=dict)
+    rewards: torch.Tensor | None = None
+    parts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -85,8 +93,12 @@ class MicroBatch:
 class Policy:
     """The model being trained, as the algorithms see it."""
 
-    def __init__(self, cfg, model, engine, ctx: RunContext):
+    def __init__(self, cfg, model, engine, ctx: RunContext, sample_pairs: int | None = None):
+        """sample_pairs: pairs per sampling forward (``fdfo.tuning``'s choice for the device; None: the
+        config's integer, or for "auto" the published 3)."""
         self.cfg, self.model, self.engine, self.ctx, self.device = cfg, model, engine, ctx, ctx.device
+        given = cfg.sampling.micro_batch_pairs
+        self.sample_pairs = sample_pairs or (tuning.CPU_SAMPLE_PAIRS if given == AUTO else int(given))
         self.kernels = cfg.train.kernels  # fdfo.kernels backend of every fused kernel call
         self.sigmas = model.sigmas(cfg.sampling.steps)  # [T + 1], CPU
         self.progress = ctx.progress
@@ -128,13 +140,13 @@ class Policy:
             yield
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        mb = self.cfg.sampling.micro_batch_pairs
+        mb = self.sample_pairs
         return Conditioning.cat([self.model.encode(prompts[i:i + mb]) for i in range(0, len(prompts), mb)])
 
     @property
     def forward_rows(self) -> int:
-        """Rows per sampling forward (both rows of ``sampling.micro_batch_pairs`` pairs)."""
-        return 2 * self.cfg.sampling.micro_batch_pairs
+        """Rows per sampling forward (both rows of ``sample_pairs`` pairs)."""
+        return 2 * self.sample_pairs
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         mb = self.forward_rows
@@ -200,14 +212,17 @@ class Algorithm(ABC):
         """The epoch's layout on ``world_size`` ranks; a ConfigError when the sizes do not divide."""
 
     @abstractmethod
-    def sample(self, epoch: int) -> Batch:
-        """This rank's batch of the epoch, drawn from generators seeded by (seed, epoch, global index)."""
+    def sample(self, epoch: int, scorer: Scorer | None = None) -> Batch:
+        """This rank's batch of the epoch, drawn from generators seeded by (seed, epoch, global index); each
+        micro-batch's final states and row prompts go to ``scorer.submit`` as soon as they are sampled, and
+        the batch holds ``scorer.result()`` (without a scorer: the decoded images alone)."""
 
     @abstractmethod
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor) -> MicroLoss:
         """The micro-batch loss of this rank's training elements: ``order`` holds their ids in the
         epoch's global list (rank-major over the ranks' rows: the element ids of rank r's rows come
-        before rank r + 1's), in training order, and ``micro_loss(p)`` is the loss of ``order[p]``.
+        before rank r + 1's), in training order, and ``micro_loss(p)`` is the loss of ``order[p]`` (``p`` a
+        slice of positions; it must not wait for the device: the trainer reads its results once per step).
         Collective: every rank calls it, and fetches the rows its elements need (``self.store.fetch``);
         afterwards the trainer drops ``batch.data``, so ``micro_loss`` must hold what it uses."""
 

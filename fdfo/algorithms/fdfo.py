@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fdfo import distributed, kernels
+from fdfo import distributed, kernels, tuning
 from fdfo.context import Stream
 from fdfo.config import Rule, above, at_least, check
 from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, fetch, valid_values
 from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
 from fdfo.sampling import sample_pairs
+from fdfo.scoring import Scorer
 from fdfo.trajectories import nbytes
 
 
@@ -61,12 +62,12 @@ class FDFO(Algorithm):
 
             self.graph_sampler = GraphSampler.for_model(policy.model, guidance_scale=policy.guidance,
                                                         uncond=policy.uncond, graphs=cfg.sampling.cuda_graphs,
-                                                        compile=cfg.sampling.compile, backend=policy.kernels,
+                                                        backend=policy.kernels,
                                                         log=distributed.print0)
 
     @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
-        t, mb = cls.settings_of(cfg), cfg.train.micro_batch_rows
+        t = cls.settings_of(cfg)
         if t.pairs_per_epoch % world_size:
             raise ConfigError(f"{cls.name}.pairs_per_epoch={t.pairs_per_epoch} must be divisible by the "
                               f"world size {world_size}")
@@ -78,21 +79,23 @@ class FDFO(Algorithm):
                               f"sampling.steps x {cls.name}.timestep_fraction) = {elements} training elements must "
                               f"divide into {cls.name}.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch}")
         per_step = elements // t.optimizer_steps_per_epoch
+        mb = tuning.given_or_default(cfg.train.micro_batch_rows, per_step, tuning.CPU_TRAIN_ROWS)
         if per_step % mb:
             raise ConfigError(f"train.micro_batch_rows={mb} must divide the {per_step} elements "
                               f"of each optimizer step per rank; {valid_values(per_step, mb)}")
         return Layout(rows_per_rank=2 * pairs_per_rank, elements_per_rank=elements,
                       optimizer_steps=t.optimizer_steps_per_epoch, micro_batch_rows=mb)
 
-    def sample(self, epoch: int) -> Batch:
+    def sample(self, epoch: int, scorer: Scorer | None = None) -> Batch:
         """Paired trajectories for this rank's pairs of the epoch."""
         cfg, pol, P = self.cfg.sampling, self.policy, self.layout.rows_per_rank // 2
-        batches = pol.micro_batches(epoch, P, cfg.micro_batch_pairs)
+        batches = pol.micro_batches(epoch, P, pol.sample_pairs)
         # Each micro-batch's CPU generator draws its prompts first, then its churn and graph seed below.
         prompts = [self.prompts[j] for b in batches
                    for j in torch.randint(len(self.prompts), (b.size,), generator=b.gen_cpu).tolist()]
         self.store.new_epoch()
         xs, vs, x0 = self.store.buffer(2 * P), self.store.buffer(2 * P), []
+        scorer = scorer or Scorer(pol.decode)
         with pol.sampling():
             cond = pol.encode(prompts)  # [P, ...]
             for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
@@ -107,9 +110,12 @@ class FDFO(Algorithm):
                                         b.gen_dev)
                 self.store.keep((xs, traj.xs), (vs, traj.vs))  # on the device or in host memory
                 x0.append(traj.x0)
+                scorer.submit([p for p in prompts[b.start:b.start + b.size] for _ in range(2)], traj.x0)
                 del traj  # (its device tensors go before the next micro-batch samples)
+        scored = scorer.result()
         x0 = torch.cat(x0)  # [2P, C, H, W]
-        return Batch(prompts=[p for p in prompts for _ in range(2)], images=pol.decode(x0),
+        return Batch(prompts=[p for p in prompts for _ in range(2)], images=scored.images, rewards=scored.rewards,
+                     parts=scored.parts,
                      data=dict(cond=cond, xs=xs.tensor(), vs=vs.tensor(), x0=x0, steps=self._steps(epoch)))
 
     def _steps(self, epoch: int) -> torch.Tensor | None:
@@ -143,7 +149,7 @@ class FDFO(Algorithm):
         dev = pol.device
         sigma, slot, pair_slot = pol.sigmas.to(dev)[k.to(dev)], slot.to(dev), pair_slot.to(dev)
 
-        def micro_loss(p: torch.Tensor):
+        def micro_loss(p: slice):
             (x, v_ref), r, c = serve(p), slot[p], Conditioning(embeds[pair_slot[p]], pooled[pair_slot[p]])
             v = pol.train_velocity(x, sigma[p], c)
             loss, metrics = kernels.fd_loss(v, v_ref, d[r], dR[r], self.settings.clip_range, ms=ms[r],

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from fdfo import tuning
 from fdfo.algorithms.base import Algorithm, Batch, Layout, fetch, valid_values
 from fdfo.context import Stream
 from fdfo.config import above, at_least, check, optional
 from fdfo.errors import ConfigError
 from fdfo.models import Conditioning
+from fdfo.scoring import Scorer
 from fdfo.trajectories import nbytes
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -134,7 +136,7 @@ class FlowGRPO(Algorithm):
 
     @classmethod
     def layout_for(cls, cfg, world_size: int) -> Layout:
-        g, mb = cls.settings_of(cfg), cfg.train.micro_batch_rows
+        g = cls.settings_of(cfg)
         if g.groups_per_epoch % world_size:
             raise ConfigError(f"flow_grpo.groups_per_epoch={g.groups_per_epoch} must be divisible by the world size "
                               f"{world_size}")
@@ -145,6 +147,8 @@ class FlowGRPO(Algorithm):
                               f"split into flow_grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch} equal "
                               f"steps; "
                               f"{valid_values(elements, g.optimizer_steps_per_epoch)}")
+        mb = tuning.given_or_default(cfg.train.micro_batch_rows, elements // g.optimizer_steps_per_epoch,
+                                     tuning.CPU_TRAIN_ROWS)
         if (elements // g.optimizer_steps_per_epoch) % mb:
             raise ConfigError(f"train.micro_batch_rows={mb} must divide the {elements // g.optimizer_steps_per_epoch} "
                               f"Flow-GRPO training elements of each optimizer step per rank; "
@@ -156,7 +160,7 @@ class FlowGRPO(Algorithm):
     def grid_group(self) -> int:
         return self.settings.group_size
 
-    def sample(self, epoch: int) -> Batch:
+    def sample(self, epoch: int, scorer: Scorer | None = None) -> Batch:
         """Groups of G independent SDE trajectories per prompt, with per-step log-probabilities."""
         pol, G = self.policy, self.settings.group_size
         rows = self.layout.rows_per_rank
@@ -170,6 +174,7 @@ class FlowGRPO(Algorithm):
         mb = pol.forward_rows
         self.store.new_epoch()
         xs, logps = self.store.buffer(rows), []
+        scorer = scorer or Scorer(pol.decode)
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
             for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
@@ -180,10 +185,11 @@ class FlowGRPO(Algorithm):
                                   b.gen_dev)
                 self.store.keep((xs, traj.xs))  # on the device or in host memory
                 logps.append(traj.logps)
+                scorer.submit([prompts[i] for i in (r // G).tolist()], traj.xs[:, -1])
                 del traj  # (its device tensors go before the next micro-batch samples)
-        xs = xs.tensor()  # [rows, T + 1, C, H, W]
-        return Batch(prompts=[p for p in prompts for _ in range(G)], images=pol.decode(xs[:, -1].to(pol.device)),
-                     data=dict(cond=cond, xs=xs, logps=torch.cat(logps)))
+        scored = scorer.result()
+        return Batch(prompts=[p for p in prompts for _ in range(G)], images=scored.images, rewards=scored.rewards,
+                     parts=scored.parts, data=dict(cond=cond, xs=xs.tensor(), logps=torch.cat(logps)))
 
     def elements(self, batch: Batch, rewards: torch.Tensor, reward_std: float, order: torch.Tensor):
         """Element (row, step k < train_steps) -> the PPO-clipped loss of the SDE step k of that row; only
@@ -211,7 +217,7 @@ class FlowGRPO(Algorithm):
         k, slot, group_slot = k.to(dev), slot.to(dev), group_slot.to(dev)
         sigmas = pol.sigmas.to(dev)
 
-        def micro_loss(p: torch.Tensor):
+        def micro_loss(p: slice):
             (x, x_next_p), c = serve(p), Conditioning(embeds[group_slot[p]], pooled[group_slot[p]])
             kp = k[p]
             x_w, v_w, std, sigma_t = coef[kp].T  # each [mb]
