@@ -39,7 +39,8 @@ def test_shipped_config_builds_checks_and_divides(name, monkeypatch, capsys):
     for world in WORLD_SIZES:
         layout = algorithm.layout_for(cfg, world)
         ds = deepspeed_config(cfg, layout, world)
-        assert ds["train_batch_size"] == cfg.train.micro_batch_rows * layout.grad_accum * world
+        assert ds["train_batch_size"] == layout.micro_batch_rows * layout.grad_accum * world
+        assert layout.elements_per_step % layout.micro_batch_rows == 0
     if cfg.deepspeed.config:
         assert Path(cfg.deepspeed.config).is_file()
     assert cfg.lora.enabled and cfg.lora.target_modules is None  # the family's own targets
