@@ -129,14 +129,21 @@ def read(path: Path) -> PeftAdapter:
     return PeftAdapter(path, config, {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()})
 
 
-def load_into(transformer: torch.nn.Module, adapter: PeftAdapter, *, trainable: bool = False) -> None:
+def load_into(transformer: torch.nn.Module, adapter: PeftAdapter, *, trainable: bool = False,
+              dtype: torch.dtype | None = None) -> None:
     """Add the adapter to ``transformer`` (as its "default" adapter) with its weights: every weight must land
-    in a LoRA layer of the model and every LoRA layer must get its weights, else AdapterError."""
+    in a LoRA layer of the model and every LoRA layer must get its weights, else AdapterError. ``dtype``: the
+    adapter's weights' dtype (None: the adapted layers', as peft makes them), set before the weights are
+    read, so an fp32 file loads into fp32 weights exactly."""
     from peft import set_peft_model_state_dict
 
     config = adapter.config
     config.inference_mode = not trainable
     transformer.add_adapter(config)
+    if dtype is not None:
+        for name, p in transformer.named_parameters():
+            if "lora_" in name and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     try:
         result = set_peft_model_state_dict(transformer, adapter.state, adapter_name="default")
     except RuntimeError as exc:  # size mismatches
@@ -151,8 +158,6 @@ def load_into(transformer: torch.nn.Module, adapter: PeftAdapter, *, trainable: 
     for name, p in transformer.named_parameters():
         if "lora_" in name:
             p.requires_grad_(trainable)
-            if trainable:
-                p.data = p.data.float()  # trainable LoRA weights in fp32, as FlowModel.add_lora
 
 
 def save(transformer: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:

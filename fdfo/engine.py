@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fdfo import distributed
+from fdfo import compilation, distributed
 from fdfo.context import RunContext
 from fdfo.errors import ConfigError
 
@@ -100,6 +100,28 @@ def adamw(params, ds_config: dict, **hyper) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **hyper)
 
 
+def use_tf32(device) -> None:
+    """On a CUDA device, TF32 tensor cores for the fp32 matmuls and convolutions that remain (fp32 adapters
+    with lora.dtype "float32", fp32 reward models, fp32 runs): 10-bit mantissa products, fp32 accumulation.
+    Process-wide, set once by the engine; bf16 work is unaffected, and the Triton kernels choose their own."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _undo_warmup_step(wrapper, optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's stage-0 fp32-master wrapper (FP16_UnfusedOptimizer: bf16 mode at stage 0) initialises the
+    optimizer's state by stepping it once on zero gradients: AdamW's step count then starts at 1 (the first
+    real update is about 0.74 of AdamW's at the default betas) and weight decay shrinks the fp32 masters once.
+    Undone here (state cleared, masters copied again from the weights they were cloned from), so the first
+    step is AdamW's first step, as in fp32. ZeRO's wrappers take no such step."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        optimizer.state.clear()
+        wrapper.refresh_fp32_params()
+
+
 class InferenceCopy:
     """A persistent, unpartitioned copy of a ZeRO-3-partitioned module, for sampling.
 
@@ -175,9 +197,17 @@ class Engine:
         if not params:
             raise ValueError("the model has no trainable parameters (check lora.target_modules)")
         t = cfg.train
-        # Full fine-tuning of a bf16 model: DeepSpeed's bf16 mode (fp32 master weights in the optimizer).
-        # LoRA keeps its trainable weights in fp32 beside the frozen bf16 base, so it needs no mode.
-        bf16 = not cfg.lora.enabled and model.dtype == torch.bfloat16
+        use_tf32(ctx.device)
+        # Trainable weights in bf16 (full fine-tuning of a bf16 model, or LoRA with lora.dtype "auto" on one):
+        # DeepSpeed's bf16 mode, whose optimizer wrapper keeps the fp32 master weights and steps them (at
+        # stage 0 FP16_UnfusedOptimizer: the bf16 gradients, accumulated over the micro-batches in bf16 as
+        # DeepSpeed 0.19 does at stages 0, 2 and 3, are copied to fp32, clipped and stepped; the masters are
+        # copied back to the bf16 weights). LoRA with lora.dtype "float32" keeps fp32 adapters beside the
+        # frozen base and needs no mode: its forward upcasts each adapted input to fp32.
+        lora_dtype = model.lora_dtype(cfg.lora.dtype) if cfg.lora.enabled else model.dtype
+        bf16 = model.dtype == torch.bfloat16 and lora_dtype == torch.bfloat16
+        if cfg.lora.enabled and not bf16:
+            model.cast_trainable(lora_dtype)  # (an adapter loaded in the model's dtype: fp32 as configured)
         self.ds_config = deepspeed_config(cfg, layout, ctx.world_size, bf16=bf16)
         optimizer = adamw(params, self.ds_config, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                           eps=t.adam_eps, weight_decay=t.weight_decay)
@@ -187,9 +217,10 @@ class Engine:
             model=model.transformer, optimizer=optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         # DeepSpeed reports the gradient norm from its ZeRO and mixed-precision optimizer wrappers only;
-        # when it steps our optimizer unwrapped (stage 0 in fp32: LoRA) the engine measures the norm itself.
+        # when it steps our optimizer unwrapped (stage 0 in fp32) the engine measures the norm itself.
         self._measure_norm = self.module.optimizer is optimizer
         self._grad_norm: float | None = None
+        _undo_warmup_step(self.module.optimizer, optimizer)
         # ZeRO-3: sample from a persistent gathered copy (deepspeed.inference_copy), refreshed per phase;
         # not when the parameters are offloaded to the CPU, whose point is to keep full weights off the GPU.
         self.inference_copy = None
@@ -200,6 +231,19 @@ class Engine:
             else:
                 self.inference_copy = InferenceCopy(model.transformer, model.device)
                 model.inference_transformer = self.inference_copy.module
+        # model.compile: one transformer compiled in place, once, after DeepSpeed's set-up (which casts and
+        # hooks it) and the inference copy: sampling (inside the CUDA graph), training and evaluation call it.
+        # At stages 0-2 the engine's forward calls the compiled transformer itself (DeepSpeed's engine.compile()
+        # does exactly this, module.compile(), without the eager fallback). Under ZeRO-3 only the inference copy
+        # is compiled: the partitioned training module stays eager, because DeepSpeed 0.19's ZeRO-3 gather and
+        # release hooks are torch.compiler.disable'd (a graph break at every hooked submodule, many small
+        # graphs) and its compiler path for ZeRO-3 (DeepCompile) is experimental and untested here.
+        if compilation.wanted(cfg.model.compile, ctx.device):
+            if self.zero_stage == 3 and self.inference_copy is None:
+                distributed.print0("model.compile: ZeRO-3 without an inference copy partitions the transformer "
+                                   "that samples; it runs eagerly")
+            else:
+                model.compile(log=distributed.print0)
 
     # ------------------------------------------------------------------ sampling
 

@@ -69,9 +69,10 @@ class GraphSampler:
     uncond:         the negative-prompt conditioning (1 row, broadcast), needed when w != 1.
     store_dtype:    dtype of the stored xs/vs (default: the latents' dtype, as sample_pairs).
     graphs:         capture CUDA graphs when on CUDA (False: always eager).
-    compile:        wrap forward in ``torch.compile`` (True, or a dict of its keyword arguments).
     module:         the nn.Module whose parameters forward reads: graphs are re-captured when
-                    any of them moves to another address.
+                    any of them moves to another address. A module compiled in place
+                    (``FlowModel.compile``, fdfo.compilation) is captured compiled: the warm-up
+                    steps compile it, the capture records its kernels.
     backend:        fdfo.kernels backend of the churn step, "auto" (Triton on CUDA), "triton" or "torch";
                     graphs are captured only when it resolves to compiled Triton.
     warmup:         eager steps on a side stream before each capture (compiles Triton kernels,
@@ -80,15 +81,13 @@ class GraphSampler:
     """
 
     def __init__(self, forward: ForwardFn, *, guidance_scale: float = 1.0, uncond: Conditioning | None = None,
-                 store_dtype: torch.dtype | None = None, graphs: bool = True, compile: bool | dict = False,
+                 store_dtype: torch.dtype | None = None, graphs: bool = True,
                  module: nn.Module | None = None, backend: str = "auto", warmup: int = 2,
                  log: Callable[[str], None] | None = None):
         if guidance_scale != 1.0 and uncond is None:
             raise ValueError("guidance_scale != 1 needs the negative-prompt conditioning (uncond)")
         if backend not in kernels.BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(kernels.BACKENDS)}")
-        if compile:
-            forward = torch.compile(forward, **({"dynamic": False} | (compile if isinstance(compile, dict) else {})))
         self.forward = forward
         self.guidance_scale = float(guidance_scale)
         self.uncond = uncond
@@ -111,7 +110,7 @@ class GraphSampler:
                   **kwargs) -> "GraphSampler":
         """A sampler over a flow model of ``fdfo.models`` (its transformer, with LoRA if added; under ZeRO-3
         its persistent inference copy, so the graph is captured once per run). Other keyword arguments
-        (``backend``, ``graphs``, ``compile``, ``log``, ...) go to the constructor unchanged."""
+        (``backend``, ``graphs``, ``log``, ...) go to the constructor unchanged."""
         module = model.inference_transformer if model.inference_transformer is not None else model.transformer
         return cls(lambda x, sigma, cond: model.velocity(x, sigma, cond, net=module), guidance_scale=guidance_scale,
                    uncond=uncond, module=module, **kwargs)

@@ -139,7 +139,7 @@ class Trainer:
                                  for name in cfg.eval.metrics}
         if cfg.lora.enabled:
             if init_adapter is not None:
-                self.model.load_adapter(init_adapter, trainable=True)
+                self.model.load_adapter(init_adapter, trainable=True, lora_dtype=cfg.lora.dtype)
             else:
                 # peft draws the new adapter from torch's global generator: seeded from the adapter's
                 # stream inside a fork, so the caller's generator is left as it was.
@@ -159,6 +159,7 @@ class Trainer:
         self.gpu_stats = GpuStats(self.device)
 
         self.epoch, self.global_step = 0, 0
+        self._compile_s_seen = 0.0
         self.checkpoints = CheckpointManager(self.out_dir, cfg.checkpoint, self.engine)
         self.report = RunReport(self.out_dir, cfg, enabled=self.rank == 0, resumed=start.checkpoint is not None)
         if start.checkpoint is not None:
@@ -211,6 +212,7 @@ class Trainer:
                       epoch_s=t_done - t_start, images_per_s=rows / (t_done - t_start),
                       **self.algorithm.throughput(rows, t_done - t_start))
         record.update(self.gpu_stats.end())  # GPU utilisation, memory, power (nothing on CPU)
+        record.update(self._compile_record())
         self.report.log("epoch", record, self.global_step)
         if self.rank == 0 and cfg.log.plot_every and (epoch + 1) % cfg.log.plot_every == 0:
             grid_dir = self.out_dir / "samples"
@@ -218,6 +220,16 @@ class Trainer:
             self.report.save_grid(batch.images, R, batch.prompts, grid_dir / f"epoch_{epoch + 1:04d}.png",
                                   cfg.log.grid_pairs, self.algorithm.grid_group)
         return record
+
+    def _compile_record(self) -> dict:
+        """``compiled`` and this epoch's ``compile_s`` (seconds of the calls that compiled, part of
+        ``epoch_s``), so that compilation reads apart from steady-state time; empty when nothing compiles."""
+        stats = self.model.compile_stats()
+        if not stats:
+            return {}
+        total = stats["compile_s"]
+        stats["compile_s"], self._compile_s_seen = total - self._compile_s_seen, total
+        return stats
 
     def _reward_record(self, epoch: int, R: torch.Tensor, parts: dict) -> tuple[dict, float, int]:
         """The epoch's reward statistics over all ranks: (record, std of the finite rewards, non-finite count)."""

@@ -230,20 +230,24 @@ def test_triton_kernels_train_like_the_torch_reference(tmp_path, tiny_pipeline_d
         torch.testing.assert_close(finals["triton"][k], finals["torch"][k], rtol=1e-4, atol=1e-6)
 
 
-def test_train_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_reward_dir):
-    """train.compile: the engine's module is torch.compile'd (DeepSpeed's engine.compile) and one
-    epoch takes the step eager training takes, up to the compiler's reassociation of sums."""
+def test_model_compile_takes_the_eager_step(tmp_path, tiny_pipeline_dir, digit_reward_dir):
+    """model.compile: the transformer is compiled in place once (fdfo.compilation), for sampling and for
+    training through the DeepSpeed engine, and one epoch takes the step eager training takes, up to the
+    compiler's reassociation of sums."""
     from fdfo.trainer import Trainer
 
     records, weights = {}, {}
     for mode in (False, True):
         cfg = tiny_run(tmp_path / str(mode), tiny_pipeline_dir, digit_reward_dir, **QUIET)
-        cfg = with_overrides(cfg, {"train": {"compile": mode}})
+        cfg = with_overrides(cfg, {"model": {"compile": mode}})
         t = Trainer(cfg)
-        assert t.engine.module.is_compiled == mode
+        assert (t.model.compiled is not None) == mode
+        assert not mode or t.model.compiled.module is t.engine.module.module
         start = lora_weights(t)
         records[mode] = t.train_epoch(0)
         weights[mode] = lora_weights(t)
+        stats = t.model.compile_stats()
+        assert (stats["compiled"] and stats["compile_s"] > 0) if mode else stats == {}
     assert any(not torch.equal(weights[True][k], start[k]) for k in start)
     assert records[True]["reward_mean"] == pytest.approx(records[False]["reward_mean"], rel=1e-5)
     for k in weights[False]:

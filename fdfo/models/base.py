@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fdfo import adapters
+from fdfo.compilation import Compiled
 from fdfo.config import LoraConfig
 from fdfo.errors import ConfigError
 
@@ -122,6 +123,8 @@ class FlowModel(ABC):
     attention_backend: str = "native"
     # Under ZeRO-3 the engine sets a persistent unpartitioned copy here, which sampling uses.
     inference_transformer: nn.Module | None = None
+    # The sampling transformer compiled in place (``compile``; fdfo.compilation), or None: eager.
+    compiled: Compiled | None = None
 
     # ------------------------------------------------------------------ the family's own parts
 
@@ -225,18 +228,51 @@ class FlowModel(ABC):
         self.transformer.requires_grad_(False)
 
     def move_text_encoders(self, device: torch.device | str) -> None:
-        """Put the text encoders on ``device`` (the GPU to encode, the CPU to free memory while training)."""
+        """Put the text encoders on ``device`` (the GPU to encode, the CPU to free memory while training).
+
+        Off a GPU they go to pinned host memory, copied there once: they are frozen, so that copy stays
+        valid, and every later move off the GPU only drops the device tensors; a move back uploads from
+        pinned memory without blocking the host."""
+        device = torch.device(device)
+        pinned: dict[int, torch.Tensor] = self.__dict__.setdefault("_pinned_encoders", {})
         for module in self.text_encoders():
-            module.to(device)
+            tensors = [*module.parameters(), *module.buffers()]
+            where = tensors[0].device if tensors else device
+            if device.type == "cpu" and where.type == "cuda":
+                for t in tensors:
+                    if id(t) not in pinned:
+                        pinned[id(t)] = t.data.to("cpu").pin_memory()
+                    t.data = pinned[id(t)]
+            elif device.type == "cuda" and where.type == "cpu" and tensors and id(tensors[0]) in pinned:
+                for t in tensors:
+                    t.data = pinned[id(t)].to(device, non_blocking=True)
+            else:
+                module.to(device)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute block activations in backward (diffusers' mechanism); sampling, without gradients, is
         unaffected."""
         self.transformer.enable_gradient_checkpointing()
 
+    def lora_dtype(self, setting: str = "auto") -> torch.dtype:
+        """The trainable adapter's dtype for ``lora.dtype``: "auto" = the model's dtype when that is bf16 or
+        fp32 (with bf16 the engine runs DeepSpeed's bf16 mode, whose optimizer keeps fp32 master weights),
+        fp32 beside an fp16 model (DeepSpeed's fp16 mode would need loss scaling); "float32" = fp32."""
+        if setting == "auto" and self.dtype in (torch.bfloat16, torch.float32):
+            return self.dtype
+        return torch.float32
+
+    def cast_trainable(self, dtype: torch.dtype) -> None:
+        """The trainable weights in ``dtype`` (in place: the parameters stay the same objects)."""
+        for p in self.transformer.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
     def add_lora(self, cfg: LoraConfig) -> None:
-        """LoRA via peft on ``lora.target_modules`` (default: the family's ``LORA_TARGETS``); trainable
-        weights kept in fp32."""
+        """LoRA via peft on ``lora.target_modules`` (default: the family's ``LORA_TARGETS``), its weights in
+        ``lora_dtype(lora.dtype)``. peft draws the initial weights in fp32 and casts them to the adapted
+        layer's dtype (diffusers' ``add_adapter`` does not upcast them again), so a bf16 adapter starts from
+        the bf16 rounding of the fp32 one the same seed gives."""
         from peft import LoraConfig as PeftLoraConfig
 
         names = list(cfg.target_modules) if cfg.target_modules is not None else list(self.LORA_TARGETS)
@@ -244,9 +280,7 @@ class FlowModel(ABC):
             r=cfg.rank, lora_alpha=cfg.alpha, target_modules=self.lora_targets(names),
             init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         ))
-        for p in self.transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        self.cast_trainable(self.lora_dtype(cfg.dtype))
 
     def enable_full_finetune(self) -> None:
         """Train every transformer weight; in bf16 on GPU, DeepSpeed keeps the fp32 master copy."""
@@ -254,6 +288,24 @@ class FlowModel(ABC):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ compilation
+
+    def compile(self, log=None) -> Compiled:
+        """torch.compile the transformer that samples in place (fdfo.compilation): the inference copy under
+        ZeRO-3, else the transformer itself, whose compiled call then also serves training (the DeepSpeed
+        engine calls the module) and evaluation. Every later caller (``velocity``, a CUDA graph captured over
+        it) runs the compiled module; a compiler failure makes it eager for good, said once through ``log``.
+        Call it after anything that replaces the module's weights or hooks (DeepSpeed's set-up, adapters)."""
+        if self.compiled is None:
+            net = self.inference_transformer if self.inference_transformer is not None else self.transformer
+            self.compiled = Compiled(net, log)
+        return self.compiled
+
+    def compile_stats(self) -> dict:
+        """``compiled`` and ``compile_s`` (cumulative seconds of the calls that compiled) for the run's
+        metrics; empty when nothing was compiled."""
+        return self.compiled.stats() if self.compiled is not None else {}
 
     # ------------------------------------------------------------------ velocity and decoding
 
@@ -302,11 +354,13 @@ class FlowModel(ABC):
         the adapters diffusers' LoRA loaders read."""
         self.pipe.load_lora_weights(str(directory))
 
-    def load_adapter(self, directory: str | Path, *, trainable: bool = False) -> None:
+    def load_adapter(self, directory: str | Path, *, trainable: bool = False, lora_dtype: str = "auto") -> None:
         """Add a peft-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as
         ``PeftModel.save_pretrained`` writes it: the published FDFO adapters) with its own rank, alpha and
-        targets; ``trainable``: to train on from it (its weights in fp32)."""
-        adapters.load_into(self.transformer, adapters.read(Path(directory)), trainable=trainable)
+        targets; ``trainable``: to train on from it, its weights in ``lora_dtype(lora_dtype)`` (``lora.dtype``;
+        a frozen adapter takes the model's dtype)."""
+        adapters.load_into(self.transformer, adapters.read(Path(directory)), trainable=trainable,
+                           dtype=self.lora_dtype(lora_dtype) if trainable else None)
 
     def remove_adapters(self) -> None:
         """Drop every LoRA adapter (ours, diffusers' or peft's): the transformer is the base model again
