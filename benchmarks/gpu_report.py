@@ -1,40 +1,52 @@
-"""The GPU run's report: one Markdown file with the device, the versions and a table per part.
+"""The GPU run's report and its bundle: gpu_report.md, one JSON and logs.tar.gz per command.
 
-    python benchmarks/gpu_report.py OUT                  # writes OUT/gpu_report.md
-    python benchmarks/gpu_report.py OUT1 OUT2 --out R.md # both commands' folders in one report
-    python benchmarks/gpu_report.py --env OUT/env.json   # records the environment (run_gpu.sh's env part)
+    python benchmarks/gpu_report.py OUT                  # (re)writes OUT/gpu_report.md
+    python benchmarks/gpu_report.py OUT1 OUT2 --out R.md # several commands' folders in one report
+    python benchmarks/gpu_report.py --env FILE           # the import smoke and environment (run_gpu.sh's env part)
+    python benchmarks/gpu_report.py --bundle WORK OUT --name NAME   # run_gpu.sh, after every part
 
-Reads what benchmarks/run_gpu.sh leaves in OUT: run.json, status.jsonl, env.json,
-nvidia-smi.txt, tests.xml, aot.json, kernels.json, sampling_{off,on}.json, epoch.json,
-levers.json, zero_{lora,full,offload}.jsonl and the parts' logs. Safe on partial results: a part that
-failed, timed out, was skipped or never finished is listed with its status and the tail of
-its log, and a benchmark whose JSON says ``"complete": false`` is marked partial. The tables
-have the form of benchmarks/RESULTS.md, so recording the figures there is a paste; the raw
-JSON follows (inlined when small, else named).
+benchmarks/run_gpu.sh runs its parts in a scratch folder WORK (run.json, status.jsonl, each
+part's JSON, JSONL, junit XML and log) and, after every part, calls ``--bundle``: OUT gets
+NAME.json (``"format": "fdfo-gpu-run/1"``; the command, and per part its status line and every
+result file, parsed), logs.tar.gz (the logs, the junit XML and nvidia-smi's output) and
+gpu_report.md, written from those two files. A folder of loose files (an older run's OUT, or
+WORK itself) is read too.
 
-Only the standard library is imported (except for --env, which imports torch), so the
-report can be written after every part in a fraction of a second.
+The report: the device, the versions and the import smoke, the parts' statuses, a table per
+part in the form of benchmarks/RESULTS.md, and the status and log tail of every part that
+failed, timed out, was skipped or never finished; a benchmark whose JSON says
+``"complete": false`` is marked partial.
+
+Only the standard library is imported (except for --env, which imports torch and the stack),
+so the report is written after every part in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+BUNDLE_FORMAT = "fdfo-gpu-run/1"
 PART_FILES = {
-    "env": ["env.json", "nvidia-smi.txt"], "tests": ["tests.xml"], "aot": ["aot.json"],
+    "env": ["env.json", "nvidia-smi.txt"], "sampling": ["sampling.json"], "train": ["train.json"],
+    "epoch": ["epoch.json"], "levers": ["levers.json"], "tests": ["tests.xml"], "aot": ["aot.json"],
     "kernels": ["kernels.json"], "sampling_off": ["sampling_off.json"], "sampling_on": ["sampling_on.json"],
-    "epoch": ["epoch.json"], "zero_lora": ["zero_lora.jsonl"], "zero_full": ["zero_full.jsonl"],
-    "zero_offload": ["zero_offload.jsonl"], "levers": ["levers.json"],
+    "large_levers": ["large_levers.json"], "zero_lora": ["zero_lora.jsonl"], "zero_full": ["zero_full.jsonl"],
+    "zero_offload": ["zero_offload.jsonl"],
 }
-INLINE_BYTES = 24_000  # raw JSON up to this size is inlined in the report
+LOG_SUFFIXES = (".log", ".xml", ".txt")  # what goes into logs.tar.gz (the XML and text are parsed into the JSON too)
+INLINE_BYTES = 24_000  # loose folders: raw JSON up to this size is inlined in the report
 LOG_TAIL = 25
 
 
@@ -77,77 +89,175 @@ def read_json(path: Path):
         return None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def parse_jsonl(text: str) -> list[dict]:
     rows = []
-    try:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass  # a line cut by a kill
-    except OSError:
-        pass
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut by a kill
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        return parse_jsonl(path.read_text())
+    except OSError:
+        return []
+
+
+def parse_junit(text: str) -> list[dict]:
+    """The test cases of a junit XML report: name, outcome (passed, failed, error, skipped), seconds, reason."""
+    cases = []
+    for tc in ET.fromstring(text).iter("testcase"):
+        name = f"{tc.get('classname', '')}::{tc.get('name', '')}".strip(":")
+        outcome, detail = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = tc.find(tag)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                detail = (el.get("message") or "").replace("\n", " ")[:160]
+        cases.append({"name": name, "outcome": outcome, "seconds": float(tc.get("time") or 0), "reason": detail})
+    return cases
+
+
+def load_file(path: Path):
+    """A part's result file, parsed by its kind: JSON, JSON lines (a list), junit XML (a list of cases),
+    text (a string); None when absent. A JSON file that does not parse is kept as its text."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {"unreadable": text[-4000:]}
+    if path.suffix == ".jsonl":
+        return parse_jsonl(text)
+    if path.suffix == ".xml":
+        try:
+            return parse_junit(text)
+        except ET.ParseError:
+            return None
+    return text
+
+
+def tail(text: str | None, n: int = LOG_TAIL) -> str:
+    if text is None:
+        return "(no log)"
+    lines = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines()]  # progress bars: keep the last state
+    return "\n".join(lines[-n:]) or "(empty log)"
 
 
 def log_tail(path: Path, n: int = LOG_TAIL) -> str:
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return tail(path.read_text(errors="replace"), n)
     except OSError:
         return "(no log)"
-    lines = [ln.rsplit("\r", 1)[-1] for ln in lines]  # progress bars: keep the last state
-    return "\n".join(lines[-n:]) or "(empty log)"
+
+
+def find_bundle(d: Path) -> Path | None:
+    """The bundle JSON of a run_gpu.sh output folder (None: a folder of loose files)."""
+    for path in sorted(d.glob("*.json")):
+        data = read_json(path)
+        if isinstance(data, dict) and data.get("format") == BUNDLE_FORMAT:
+            return path
+    return None
+
+
+class Source:
+    """One command's results, from its bundle (NAME.json and logs.tar.gz) or from loose files (run.json,
+    status.jsonl, the parts' files and logs side by side)."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        self.bundle_path = find_bundle(d)
+        if self.bundle_path is not None:
+            data = read_json(self.bundle_path)
+            self.run = data.get("run") or {}
+            parts = data.get("parts") or {}
+            self.statuses = [p["status"] for p in parts.values() if p.get("status")]
+            self.files = {f: v for p in parts.values() for f, v in (p.get("results") or {}).items()}
+        else:
+            self.run = read_json(d / "run.json") or {}
+            self.statuses = read_jsonl(d / "status.jsonl")
+            self.files = None
+
+    def get(self, name: str):
+        """A result file by name, parsed (load_file); None when absent."""
+        if self.files is not None:
+            return self.files.get(name)
+        return load_file(self.dir / name)
+
+    def text(self, name: str) -> str | None:
+        """A log (or other text) by name: from logs.tar.gz beside a bundle, else the loose file."""
+        if self.files is None:
+            try:
+                return (self.dir / name).read_text(errors="replace")
+            except OSError:
+                return None
+        try:
+            with tarfile.open(self.dir / "logs.tar.gz") as tar:
+                member = tar.extractfile(name)
+                return member.read().decode(errors="replace") if member else None
+        except (OSError, KeyError, tarfile.TarError):
+            return None
+
+
+def rate(a, b):
+    """a / b as 'x.xx×' ('–' unless both are positive numbers)."""
+    return f"{a / b:.2f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and b else "–"
 
 
 # --------------------------------------------------------------------------- one section per part
 
 
-def section_env(d: Path) -> str:
-    smi = d / "nvidia-smi.txt"
-    if smi.exists():
-        return "<details><summary>nvidia-smi</summary>\n\n```\n" + smi.read_text(errors="replace").strip() \
-            + "\n```\n</details>"
-    return ""
+def section_env(src: Source) -> str:
+    out = []
+    env = src.get("env.json") or {}
+    imports = env.get("imports") or {}
+    if imports:
+        rows = [[f"`{m}`", "yes" if r.get("ok") else "**no**", r.get("version") or "–", num(r.get("seconds")),
+                 (r.get("error") or "")[:200]] for m, r in imports.items()]
+        out.append(table(["module", "imports", "version", "import s", "error"], rows))
+    smoke = env.get("matmul")
+    if smoke:
+        if smoke.get("tflops"):
+            out.append(f"bf16 matmul {smoke['n']}³: {num(smoke['tflops'])} TFLOP/s"
+                       + (f" ({pct(smoke['tflops'] / env['peak_bf16_tflops'])} of the {num(env['peak_bf16_tflops'])}"
+                          " TFLOP/s dense bf16 peak)" if env.get("peak_bf16_tflops") else ""))
+        else:
+            out.append(f"bf16 matmul: {smoke.get('skipped') or smoke.get('error')}")
+    smi = src.get("nvidia-smi.txt")
+    if smi:
+        out.append("<details><summary>nvidia-smi</summary>\n\n```\n" + smi.strip() + "\n```\n</details>")
+    return "\n\n".join(out)
 
 
-def section_tests(d: Path) -> str:
-    cases = []
-    xml = d / "tests.xml"
-    if xml.exists():
-        try:
-            for tc in ET.parse(xml).getroot().iter("testcase"):
-                name = f"{tc.get('classname', '')}::{tc.get('name', '')}".strip(":")
-                outcome, detail = "passed", ""
-                for tag in ("failure", "error", "skipped"):
-                    el = tc.find(tag)
-                    if el is not None:
-                        outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                        detail = (el.get("message") or "").replace("\n", " ")[:160]
-                cases.append((name, outcome, float(tc.get("time") or 0), detail))
-        except ET.ParseError:
-            cases = []
+def section_tests(src: Source) -> str:
+    cases = src.get("tests.xml") or []
     if not cases:  # no XML (the run was cut short): the verbose log's result lines
-        try:
-            for line in (d / "tests.log").read_text(errors="replace").splitlines():
-                for outcome in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
-                    if f" {outcome}" in line and "::" in line:
-                        cases.append((line.split(" ")[0], outcome.lower(), None, ""))
-                        break
-        except OSError:
-            pass
+        for line in (src.text("tests.log") or "").splitlines():
+            for outcome in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+                if f" {outcome}" in line and "::" in line:
+                    cases.append({"name": line.split(" ")[0], "outcome": outcome.lower(), "seconds": None,
+                                  "reason": ""})
+                    break
     if not cases:
         return ""
     counts = {}
-    for _, outcome, _, _ in cases:
-        counts[outcome] = counts.get(outcome, 0) + 1
+    for c in cases:
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
     head = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    rows = [[f"`{n}`", o, num(t) if t is not None else "–", detail or ""] for n, o, t, detail in cases]
+    rows = [[f"`{c['name']}`", c["outcome"], num(c["seconds"]) if c.get("seconds") is not None else "–",
+             c.get("reason") or ""] for c in cases]
     return f"{head}\n\n" + table(["test", "outcome", "seconds", "reason"], rows)
 
 
-def section_aot(d: Path) -> str:
-    data = read_json(d / "aot.json")
+def section_aot(src: Source) -> str:
+    data = src.get("aot.json")
     if not data:
         return ""
     by = {}
@@ -165,8 +275,8 @@ def section_aot(d: Path) -> str:
                                   "smem (bytes, max)", "spilled bytes per thread (max)"], rows)
 
 
-def section_kernels(d: Path) -> str:
-    data = read_json(d / "kernels.json")
+def section_kernels(src: Source) -> str:
+    data = src.get("kernels.json")
     if not data:
         return ""
     meta, recs = data.get("meta", {}), data.get("results", [])
@@ -195,8 +305,8 @@ def section_kernels(d: Path) -> str:
                                   "triton GB/s", "% of copy", "peak MiB triton / eager"], rows)
 
 
-def section_sampling(d: Path, part: str) -> str:
-    data = read_json(d / f"{part}.json")
+def section_sampling(src: Source, part: str) -> str:
+    data = src.get(f"{part}.json")
     if not data:
         return ""
     res = data.get("results", [])
@@ -220,33 +330,137 @@ def section_sampling(d: Path, part: str) -> str:
                                   "bit-equal to eager", "warm-up s", "peak GiB", "note"], rows)
 
 
-def section_epoch(d: Path, name: str = "epoch") -> str:
-    data = read_json(d / f"{name}.json")
+def section_quick_sampling(src: Source) -> str:
+    """bench_train.py --phase sample: eager / graph / graph + compile, with LoRA and without."""
+    data = src.get("sampling.json")
+    if not data:
+        return ""
+    res = data.get("results", [])
+    done = [r for r in res if "images_per_s" in r]
+    eager = {r["lora"]: r["images_per_s"] for r in done if r["variant"] == "eager"}
+    rows = []
+    for r in res:
+        lora = f"r={r['lora']}" if r.get("lora") else "none"
+        if "images_per_s" not in r:
+            rows.append([lora, r["variant"], "skipped"] + ["–"] * 7 + [r.get("skipped", "")])
+            continue
+        rows.append([lora, r["variant"], r.get("mode", "–"), num(r["images_per_s"]),
+                     rate(r["images_per_s"], eager.get(r["lora"])), num(r.get("tflops")), pct(r.get("mfu")),
+                     num(r.get("warmup_s")), num(r.get("peak_gib")),
+                     {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "–"), ""])
+    a = data.get("args", {})
+    head = (f"{data.get('device', '?')}, {a.get('arch', '?')}, {a.get('latent', '?')}² latents, {a.get('rows', '?')} rows, "
+            f"CFG off, {a.get('text_tokens', '?')} text tokens, {a.get('steps', '?')} steps, "
+            f"{a.get('repeats', '?')} timed repeat(s), compile: {a.get('compile', '?')}; LoRA weights "
+            f"{data.get('lora_dtype', '?')}. Mode `graph`: the step was captured and replayed; `eager`: it was not "
+            "(the log says why). Warm-up: buffers, capture and compilation.")
+    out = head + "\n\n" + table(["LoRA", "variant", "mode", "images/s", "× eager", "TFLOP/s", "MFU", "warm-up s",
+                                 "peak GiB", "bit-equal to eager", "note"], rows)
+    by = {(r["lora"], r["variant"]): r["images_per_s"] for r in done}
+    ranks = sorted({r["lora"] for r in done if r.get("lora")})
+    cost = [f"{v} {rate(by[(k, v)], by.get((0, v)))}" for k in ranks for v in dict.fromkeys(r["variant"] for r in done)
+            if (k, v) in by and (0, v) in by]
+    if cost:
+        out += ("\n\nLoRA's cost, images/s with LoRA r=" + "/".join(map(str, ranks)) + " over without: "
+                + ", ".join(cost))
+    return out
+
+
+def section_train(src: Source) -> str:
+    """bench_train.py --phase train: one forward + backward, eager and compiled, at several row counts."""
+    data = src.get("train.json")
+    if not data:
+        return ""
+    res = data.get("results", [])
+    done = [r for r in res if "step_s" in r]
+    eager = {r["rows"]: r["rows_per_s"] for r in done if r["variant"] == "eager"}
+    rows = []
+    for r in res:
+        if "step_s" not in r:
+            rows.append([r["rows"], r["variant"], "skipped"] + ["–"] * 6 + [r.get("skipped", "")])
+            continue
+        rows.append([r["rows"], r["variant"], num(1000 * r["step_s"]), num(r["rows_per_s"]),
+                     rate(r["rows_per_s"], eager.get(r["rows"])), num(r.get("tflops")), pct(r.get("mfu")),
+                     num(r.get("warmup_s")), num(r.get("peak_gib")), ""])
+    a = data.get("args", {})
+    head = (f"{data.get('device', '?')}, {a.get('arch', '?')}, {a.get('latent', '?')}² latents, "
+            f"{a.get('text_tokens', '?')} text tokens, LoRA r={a.get('lora', '?')} ({data.get('lora_dtype', '?')} "
+            f"weights), the FD loss; {a.get('iters', '?')} timed micro-batch(es) after the warm-up; compile: "
+            f"{a.get('compile', '?')}; FLOPs: forward + backward to the LoRA weights and the inputs")
+    out = head + "\n\n" + table(["rows", "variant", "ms per micro-batch", "rows/s", "× eager", "TFLOP/s", "MFU",
+                                 "warm-up s", "peak GiB", "note"], rows)
+    effect = []
+    for v in dict.fromkeys(r["variant"] for r in done):
+        got = sorted((r["rows"], r["rows_per_s"]) for r in done if r["variant"] == v)
+        if len(got) > 1:
+            effect.append(f"{v} {rate(got[-1][1], got[0][1])} ({got[-1][0]} rows against {got[0][0]})")
+    if effect:
+        out += "\n\nMicro-batch effect, rows/s: " + ", ".join(effect)
+    return out
+
+
+def _epoch_rows(data: dict) -> list[list]:
+    rows = []
+    for r in data.get("variants", []):
+        if r.get("error") or r.get("skipped_reason"):
+            rows.append([r["variant"], f"{'skipped' if r.get('skipped_reason') else 'failed'}: "
+                                       f"{r.get('skipped_reason') or r['error']}"] + ["–"] * 11)
+            continue
+        cold = (r.get("warmup") or [{}])[0].get("pairs_per_s") if r.get("warmup") else None
+        share = r["sample_s"] / r["epoch_s"] if r.get("sample_s") and r.get("epoch_s") else None
+        rows.append([r["variant"], r.get("sampler", "–"), r.get("kernels", "–"), num(r.get("pairs_per_s")),
+                     num(r.get("sample_s")), num(r.get("train_s")), num(r.get("epoch_s")), pct(share), num(cold),
+                     pct(r.get("sample_mfu")), pct(r.get("train_mfu")), num(r.get("peak_gib")),
+                     num(r.get("trajectory_device_mib"))])
+    return rows
+
+
+def _epoch_head(data: dict) -> str:
+    return (f"{data.get('device', '?')}: {data.get('models', '?')}; {data.get('pairs')} pairs, {data.get('steps')} "
+            f"steps, guidance {data.get('guidance')}; timed epoch after "
+            f"{(data.get('variants') or [{}])[0].get('warmup_epochs', 0)} warm-up epoch(s) (cold = the first epoch)")
+
+
+EPOCH_HEADER = ["variant", "sampler", "kernels", "pairs/s", "sample s", "train s", "epoch s", "sampling share",
+                "cold epoch pairs/s", "sampling MFU", "training MFU", "peak GiB", "trajectories on GPU MiB"]
+
+
+def section_epoch(src: Source, name: str = "epoch") -> str:
+    data = src.get(f"{name}.json")
+    if not data:
+        return ""
+    ratio = data.get("speedup_fast_over_published")
+    tail_ = f"\n\nfast / published: **{ratio:.2f}×** pairs/s (same invocation)" if ratio else ""
+    return _epoch_head(data) + "\n\n" + table(EPOCH_HEADER, _epoch_rows(data)) + tail_
+
+
+def section_levers(src: Source) -> str:
+    """bench_epoch.py's MFU levers: each variant against `baseline` (today's path), same invocation."""
+    data = src.get("levers.json")
     if not data:
         return ""
     rows = []
     for r in data.get("variants", []):
-        if r.get("error"):
-            rows.append([r["variant"], f"failed: {r['error']}"] + ["–"] * 10)
+        vs = r.get("vs_baseline") or {}
+        if r.get("error") or r.get("skipped_reason") or r.get("pairs_per_s") is None:
+            why = r.get("skipped_reason") or r.get("error") or "epoch skipped (non-finite rewards)"
+            rows.append([r["variant"], r.get("lever", ""), why] + ["–"] * 9)
             continue
-        cold = (r.get("warmup") or [{}])[0].get("pairs_per_s") if r.get("warmup") else None
-        rows.append([r["variant"], r.get("sampler", "–"), r.get("kernels", "–"), num(r.get("pairs_per_s")),
-                     num(r.get("sample_s")), num(r.get("train_s")), num(r.get("epoch_s")), num(cold),
-                     pct(r.get("sample_mfu")), pct(r.get("train_mfu")), num(r.get("peak_gib")),
-                     num(r.get("trajectory_device_mib"))])
-    ratio = data.get("speedup_fast_over_published")
-    head = (f"{data.get('device', '?')}: {data.get('models', '?')}; {data.get('pairs')} pairs, {data.get('steps')} "
-            f"steps, guidance {data.get('guidance')}; timed epoch after "
-            f"{(data.get('variants') or [{}])[0].get('warmup_epochs', 0)} warm-up epoch(s) (cold = the first epoch)")
-    tail = f"\n\nfast / published: **{ratio:.2f}×** pairs/s (same invocation)" if ratio else ""
-    return head + "\n\n" + table(["variant", "sampler", "kernels", "pairs/s", "sample s", "train s", "epoch s",
-                                  "cold epoch pairs/s", "sampling MFU", "training MFU", "peak GiB",
-                                  "trajectories on GPU MiB"], rows) + tail
+        rows.append([r["variant"], r.get("lever", ""), num(r["pairs_per_s"]), rate(vs.get("pairs_per_s"), 1),
+                     num(r.get("sample_s")), rate(vs.get("sample"), 1), num(r.get("train_s")), rate(vs.get("train"), 1),
+                     pct(r.get("sample_mfu")), pct(r.get("train_mfu")), r.get("micro_batch_rows", "–"),
+                     num(r.get("peak_gib"))])
+    head = (_epoch_head(data) + ". Each lever is `baseline` (today's path) with that one setting changed; "
+            "× baseline is the speed-up over `baseline` measured in the same invocation (pairs/s, and the "
+            "sampling and training phases' times).")
+    return head + "\n\n" + table(["variant", "lever", "pairs/s", "× baseline", "sample s", "sampling × baseline",
+                                  "train s", "training × baseline", "sampling MFU", "training MFU",
+                                  "train micro-batch rows", "peak GiB"], rows)
 
 
-def section_zero(d: Path, part: str) -> str:
+def section_zero(src: Source, part: str) -> str:
     rows = []
-    for r in read_jsonl(d / f"{part}.jsonl"):
+    for r in src.get(f"{part}.jsonl") or []:
         rows.append([r.get("arch"), r.get("stage"), "yes" if r.get("offload") else "no",
                      "full" if r.get("full") else "LoRA r=32", r.get("world"), r.get("rows"), num(r.get("samples_per_s")),
                      num(1000 * r["step_s"]) if r.get("step_s") else "–", num(r.get("peak_gib")), r.get("device", "?")])
@@ -257,62 +471,75 @@ def section_zero(d: Path, part: str) -> str:
 
 
 SECTIONS = {
-    "env": ("Environment", section_env),
+    "env": ("Environment and import smoke", section_env),
+    "sampling": ("Sampling one micro-batch: eager, CUDA graph, graph + compile, with and without LoRA "
+                 "(`bench_train.py --phase sample`)", section_quick_sampling),
+    "train": ("One training micro-batch: eager and compiled (`bench_train.py --phase train`)", section_train),
+    "epoch": ("One epoch: fast path against the published formulation (`bench_epoch.py`)", section_epoch),
+    "levers": ("MFU levers: one epoch each against today's path (`bench_epoch.py`)", section_levers),
     "tests": ("GPU tests (`tests/test_graphs.py`, `tests/test_kernels.py`)", section_tests),
     "aot": ("Kernels compiled for sm_90 (`fdfo.kernels.aot`)", section_aot),
     "kernels": ("Kernels against eager and torch.compile (`bench_kernels.py`)", section_kernels),
-    "sampling_off": ("Sampling, CFG off (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_off")),
-    "sampling_on": ("Sampling, CFG on (`bench_sampling.py`)", lambda d: section_sampling(d, "sampling_on")),
-    "epoch": ("One epoch: fast path against the published formulation (`bench_epoch.py`)", section_epoch),
+    "sampling_off": ("Sampling, CFG off (`bench_sampling.py`)", lambda s: section_sampling(s, "sampling_off")),
+    "sampling_on": ("Sampling, CFG on (`bench_sampling.py`)", lambda s: section_sampling(s, "sampling_on")),
+    "large_levers": ("Large-model levers: host trajectories and SDPA kernels, each on the fast path (`bench_epoch.py`)",
+                     lambda s: section_epoch(s, "large_levers")),
     "zero_lora": ("ZeRO stages, LoRA (`bench_zero.py`; SD3.5 Medium, and FLUX.1 [dev] and SD3.5 Large at ZeRO-3, "
-                  "on the GPU)", lambda d: section_zero(d, "zero_lora")),
-    "zero_full": ("ZeRO-3, full fine-tuning (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda d: section_zero(d, "zero_full")),
+                  "on the GPU)", lambda s: section_zero(s, "zero_lora")),
+    "zero_full": ("ZeRO-3, full fine-tuning (`bench_zero.py`; SD3.5 Medium on the GPU)", lambda s: section_zero(s, "zero_full")),
     "zero_offload": ("ZeRO-3 with CPU offload, LoRA (`bench_zero.py`; SD3.5 Large on the GPU)",
-                     lambda d: section_zero(d, "zero_offload")),
-    "levers": ("Large-model levers: host trajectories and SDPA kernels, each on the fast path (`bench_epoch.py`)",
-               lambda d: section_epoch(d, "levers")),
+                     lambda s: section_zero(s, "zero_offload")),
 }
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def _complete(d: Path, part: str) -> bool | None:
+def _complete(src: Source, part: str) -> bool | None:
     for f in PART_FILES.get(part, []):
-        data = read_json(d / f) if f.endswith(".json") else None
+        data = src.get(f) if f.endswith(".json") else None
         if isinstance(data, dict) and "complete" in data:
             return bool(data["complete"])
     return None
 
 
 def build(dirs: list[Path]) -> str:
-    statuses, runs, env = {}, [], None
+    statuses, sources, env = {}, [], None
     for d in dirs:
-        run = read_json(d / "run.json") or {}
-        runs.append((d, run))
-        for rec in read_jsonl(d / "status.jsonl"):
-            statuses[rec["part"]] = {**rec, "dir": d}
-        env = env or read_json(d / "env.json")
+        src = Source(d)
+        sources.append(src)
+        for rec in src.statuses:
+            statuses[rec["part"]] = {**rec, "src": src}
+        env = env or src.get("env.json")
     planned = []
-    for d, run in runs:
-        for p in ["install", *str(run.get("parts", "")).split()]:
+    for src in sources:
+        for p in ["install", *str(src.run.get("parts", "")).split()]:
             if p not in [q for q, _ in planned]:
-                planned.append((p, d))
+                planned.append((p, src))
     for p, rec in statuses.items():
         if p not in [q for q, _ in planned]:
-            planned.append((p, rec["dir"]))
+            planned.append((p, rec["src"]))
 
-    env = env or {}
-    dry = any(run.get("dry_run") for _, run in runs)
+    env = env if isinstance(env, dict) else {}
+    dry = any(src.run.get("dry_run") for src in sources)
     out = [f"# GPU figures: {env.get('device', 'device unknown (no env part)')}", ""]
     if dry:
         out += ["**Dry run** (`FDFO_GPU_DRY_RUN=1`): tiny sizes, no GPU; these numbers only show that every "
                 "part runs, they are not figures.", ""]
     pk = env.get("packages") or {}
+
+    def command(src: Source) -> str:
+        r = src.run
+        took = f", took {r['seconds']} s" if r.get("seconds") is not None else ", did not finish"
+        return (f"`run_gpu.sh {src.dir.name} {r.get('label') or r.get('parts', '?')}` (parts {r.get('parts', '?')}; "
+                f"budget {r.get('budget_s', '?')} s, started {r.get('started', '?')}{took})")
+
     info = [
         ["device (as torch names it)", env.get("device", "–")],
         ["GPU memory, SMs, compute capability", f"{num(env.get('memory_gib'))} GiB, {env.get('sm_count', '–')}, "
                                                 f"{env.get('capability', '–')}" if env.get("memory_gib") else "–"],
+        ["dense bf16 peak (by name, fdfo.flops)", f"{num(env['peak_bf16_tflops'])} TFLOP/s"
+                                                  if env.get("peak_bf16_tflops") else "–"],
         ["driver", env.get("driver") or "–"],
         ["torch / CUDA / triton", f"{env.get('torch', '–')} / {env.get('cuda') or '–'} / {env.get('triton') or '–'}"],
         ["python", env.get("python", "–")],
@@ -320,81 +547,153 @@ def build(dirs: list[Path]) -> str:
          " / ".join(str(pk.get(k) or "–") for k in ("diffusers", "deepspeed", "transformers", "peft"))],
         ["date (UTC)", env.get("date", "–")],
         ["commit", env.get("commit") or "–"],
-        ["commands", "; ".join(f"`run_gpu.sh {d.name} {r.get('parts', '?')}` (budget {r.get('budget_s', '?')} s, "
-                                f"started {r.get('started', '?')})" for d, r in runs)],
+        ["commands", "; ".join(command(src) for src in sources)],
     ]
     out += [table(["", ""], info), ""]
 
     rows = []
-    for p, d in planned:
+    for p, src in planned:
         rec = statuses.get(p)
         if rec is None:
             rows.append([p, "did not finish (the command stopped during or before it)", "–", "–", ""])
             continue
-        partial = _complete(d, p) is False
+        partial = _complete(src, p) is False
         status = rec["status"] + (" (partial results)" if partial and rec["status"] != "ok" else "")
         rows.append([p, status, rec.get("seconds", "–"), rec.get("limit_s") or "–", rec.get("reason") or ""])
     out += ["## Parts", "", table(["part", "status", "seconds", "limit s", "note"], rows), ""]
 
-    for p, d in planned:
+    for p, src in planned:
         if p not in SECTIONS:
             continue
         title, fn = SECTIONS[p]
         rec = statuses.get(p, {})
         status = rec.get("status", "did not finish")
         try:
-            body = fn(d)
+            body = fn(src)
         except Exception as exc:  # a malformed file must not cost the rest of the report
             body = f"(could not read this part's results: {type(exc).__name__}: {exc})"
         out += [f"## {title}", ""]
-        if status != "ok" or _complete(d, p) is False:
+        if status != "ok" or _complete(src, p) is False:
             out += [f"Status: **{status}**" + (f" ({rec['reason']})" if rec.get("reason") else "")
-                    + ("; the results below are partial" if _complete(d, p) is False else ""), ""]
+                    + ("; the results below are partial" if _complete(src, p) is False else ""), ""]
         if rec.get("command"):
             out += [f"Command: `{rec['command']}`", ""]
         out += [body or "(no results)", ""]
         if status != "ok":
-            out += [f"Last lines of `{p}.log`:", "", "```", log_tail(d / f"{p}.log"), "```", ""]
+            out += [f"Last lines of `{p}.log`:", "", "```", tail(src.text(f"{p}.log")), "```", ""]
     if "install" in statuses and statuses["install"]["status"] != "ok":
-        d = statuses["install"]["dir"]
-        out += ["## Wheel install", "", "```", log_tail(d / "install.log"), "```", ""]
+        out += ["## Wheel install", "", "```", tail(statuses["install"]["src"].text("install.log")), "```", ""]
 
     out += ["## Raw results", ""]
-    for p, d in planned:
-        for f in PART_FILES.get(p, []):
-            path = d / f
-            if not path.exists() or f.endswith(".txt"):
+    for src in sources:
+        if src.bundle_path is not None:
+            out += [f"- `{src.dir.name}/{src.bundle_path.name}`: every part's status line and results (under "
+                    "`parts`), beside this report; the logs are in `logs.tar.gz`"]
+            continue
+        for p, psrc in planned:
+            if psrc is not src:
                 continue
-            size = path.stat().st_size
-            if f.endswith((".json", ".jsonl")) and size <= INLINE_BYTES:
-                lang = "json"
-                out += [f"<details><summary>{f}</summary>\n\n```{lang}\n{path.read_text().strip()}\n```\n</details>",
-                        ""]
-            else:
-                out += [f"- `{f}` ({size:,} bytes, beside this report)"]
+            for f in PART_FILES.get(p, []):
+                path = src.dir / f
+                if not path.exists() or f.endswith((".txt", ".xml")):
+                    continue
+                size = path.stat().st_size
+                if f.endswith((".json", ".jsonl")) and size <= INLINE_BYTES:
+                    out += [f"<details><summary>{f}</summary>\n\n```json\n{path.read_text().strip()}\n```\n"
+                            "</details>", ""]
+                else:
+                    out += [f"- `{f}` ({size:,} bytes, beside this report)"]
     out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # (a reader, or a copy of the folder, never sees half a file)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def bundle(work: Path, out: Path, name: str) -> Path:
+    """OUT/NAME.json (every part's status line and parsed results), OUT/logs.tar.gz and OUT/gpu_report.md
+    from run_gpu.sh's scratch folder."""
+    run = read_json(work / "run.json") or {}
+    statuses = {rec["part"]: rec for rec in read_jsonl(work / "status.jsonl")}
+    order = list(dict.fromkeys(["install", *str(run.get("parts", "")).split(), *statuses]))
+    parts = {}
+    for p in order:
+        results = {f: load_file(work / f) for f in PART_FILES.get(p, []) if (work / f).exists()}
+        if p in statuses or results:
+            parts[p] = {"status": statuses.get(p), "results": results}
+    data = {"format": BUNDLE_FORMAT, "label": name, "run": run,
+            "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "parts": parts}
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(work.iterdir()):
+            if path.is_file() and path.suffix in LOG_SUFFIXES:
+                tar.add(path, arcname=path.name)
+    _write_atomic(out / "logs.tar.gz", buf.getvalue())
+    _write_atomic(out / f"{name}.json", json.dumps(data, indent=1).encode())
+    _write_atomic(out / "gpu_report.md", build([out]).encode())
+    return out / f"{name}.json"
 
 
 # --------------------------------------------------------------------------- the environment
 
 
+def _import_smoke(modules: tuple[str, ...]) -> dict:
+    """Each module imported in turn: whether it imports, its version, seconds, the error."""
+    out = {}
+    for m in modules:
+        t0 = time.perf_counter()
+        try:
+            mod = importlib.import_module(m)
+            out[m] = {"ok": True, "version": getattr(mod, "__version__", None), "seconds": time.perf_counter() - t0}
+        except Exception as exc:  # (a broken install: recorded, the others still tried)
+            out[m] = {"ok": False, "version": None, "seconds": time.perf_counter() - t0,
+                      "error": f"{type(exc).__name__}: {exc}"[:400]}
+    return out
+
+
+def _matmul_smoke(torch, n: int = 8192, iters: int = 20) -> dict:
+    """A bf16 n×n matmul on the GPU: that CUDA works, and the dense throughput this device reaches."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    try:
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / iters
+        return {"n": n, "seconds": seconds, "tflops": 2 * n**3 / seconds / 1e12}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+IMPORTED = ("torch", "triton", "diffusers", "transformers", "peft", "deepspeed", "fdfo")
+MUST_IMPORT = ("torch", "diffusers", "deepspeed", "fdfo")  # the env part fails without one of these
+
+
 def collect_env() -> dict:
-    """Device, driver, versions and date, as this Python sees them."""
+    """Device, driver, versions and date, as this Python sees them, and the import smoke."""
     from importlib.metadata import PackageNotFoundError, version
 
+    imports = _import_smoke(IMPORTED)
     import torch
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "dry_run": os.environ.get("FDFO_GPU_DRY_RUN") == "1"}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+            "dry_run": os.environ.get("FDFO_GPU_DRY_RUN") == "1", "imports": imports}
+    info["triton"] = imports["triton"]["version"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
@@ -402,6 +701,12 @@ def collect_env() -> dict:
                     memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count)
     else:
         info["device"] = "cpu (no CUDA device)"
+    info["peak_bf16_tflops"] = None
+    if imports["fdfo"]["ok"] and torch.cuda.is_available():
+        from fdfo.flops import peak_bf16_tflops
+
+        info["peak_bf16_tflops"] = peak_bf16_tflops(info["device"])
+    info["matmul"] = _matmul_smoke(torch)
     info["driver"] = None
     try:
         import pynvml
@@ -441,20 +746,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="*", type=Path, help="run_gpu.sh output folders (one per command)")
     ap.add_argument("--out", type=Path, default=None, help="the report (default: the first folder's gpu_report.md)")
     ap.add_argument("--env", type=Path, default=None, help="record the environment as JSON to this file and exit")
+    ap.add_argument("--bundle", nargs=2, type=Path, metavar=("WORK", "OUT"), default=None,
+                    help="bundle run_gpu.sh's scratch folder WORK into OUT's three files")
+    ap.add_argument("--name", default="results", help="--bundle: the JSON's name (NAME.json)")
     args = ap.parse_args(argv)
     if args.env:
         info = collect_env()
         args.env.parent.mkdir(parents=True, exist_ok=True)
         args.env.write_text(json.dumps(info, indent=1))
         print(json.dumps(info, indent=1))
+        failed = [m for m in MUST_IMPORT if not info["imports"][m]["ok"]]
+        if failed:
+            print(f"import smoke failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed or info["matmul"].get("error") else 0
+    if args.bundle:
+        print(bundle(*args.bundle, args.name))
         return 0
     if not args.dirs:
-        ap.error("give at least one output folder (or --env FILE)")
+        ap.error("give at least one output folder (or --env FILE, or --bundle WORK OUT)")
     text = build(args.dirs)
     out = args.out or args.dirs[0] / "gpu_report.md"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)  # a reader never sees half a report
+    _write_atomic(out, text.encode())
     print(out)
     return 0
 
