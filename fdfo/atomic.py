@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to disk."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -55,7 +56,7 @@ def write_file(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give (mkstemp makes it 0600)
-        _fsync_file(Path(tmp))
+        fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -82,7 +83,7 @@ def fsync_tree(root: str | os.PathLike) -> None:
     """Flush every file under ``root`` to disk (before the directory is renamed into place)."""
     for path in Path(root).rglob("*"):
         if path.is_file():
-            _fsync_file(path)
+            fsync_file(path)
 
 
 def follow_umask(root: str | os.PathLike) -> None:

@@ -6,8 +6,15 @@
     --resume [auto]  this run's latest checkpoint; when it has none yet, a notice and a new run
     --resume DIR     that checkpoint directory (or a run directory: its latest checkpoint)
 
-A resume compares the checkpoint's saved config with the new one first. A change the saved
-state cannot take (base model, LoRA shape, algorithm, ZeRO stage) is refused, naming the keys;
+One trainer at a time per run directory: ``prepare`` takes the directory's lock (``fdfo.run_lock``;
+global rank 0 alone takes and removes it) before it writes anything there; a directory another
+live trainer holds is refused with one line naming it (``plan`` already reads the lock, on every
+rank, so that all ranks stop together before any model is loaded). The lock goes when the process
+exits, by Ctrl-C and SIGTERM too.
+
+A resume checks the checkpoint's files against its manifest (``fdfo.integrity``: ``trainer.json``
+in ``plan``, the state in ``prepare`` on rank 0) and compares its saved config with the new one.
+A change the saved state cannot take (base model, LoRA shape, algorithm, ZeRO stage) is refused, naming the keys;
 any other change is listed and used as given, optimizer hyperparameters included. A
 checkpoint already at ``train.epochs`` has nothing left to train (``RunComplete``); one past
 it is an error.
@@ -21,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdfo import distributed
-from fdfo.checkpoint import LATEST, STATE_TAG, TRAINER_FILE, latest_in
+from fdfo import distributed, run_lock
+from fdfo.checkpoint import (LATEST, STATE_TAG, TRAINER_FILE, CheckpointError, check_resume, check_trainer_file,
+                             latest_in)
 from fdfo.errors import ConfigError
 from fdfo.outputs import OutDirError, check_out_dir
 from fdfo.settings import RunConfig, migrate
@@ -51,6 +59,7 @@ class Start:
     saved_config: dict | None = None
     changes: list[str] = field(default_factory=list)  # "key: old -> new" for a resume with other settings
     move_aside: Path | None = None  # --overwrite: where the old run goes
+    lock: run_lock.RunLock | None = None  # the run directory's lock (rank 0, after prepare)
 
 
 def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> Start:
@@ -63,6 +72,10 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: --resume continues the run in "
                           f"'{out_dir}', --overwrite starts it over; give one")
+    if out_dir.is_dir():  # (read only, on every rank, so that all stop at once; rank 0 takes it in prepare)
+        busy = run_lock.holder(out_dir)
+        if busy:
+            raise RunDirError(busy)
     held = run_entries(out_dir)
     if not resume:
         if held and not overwrite:
@@ -80,6 +93,7 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
     if not own and held:
         raise RunDirError(f"resuming from '{checkpoint}', a checkpoint of another run, needs an empty log.out_dir; "
                           f"'{out_dir}' holds a run ({', '.join(held)}): choose another log.out_dir")
+    check_trainer_file(checkpoint)  # what plan reads of it, against its manifest (the rest: prepare)
     saved = _read_trainer_state(checkpoint)
     saved_config = migrate(saved.get("config") or {})  # (a checkpoint of an earlier version: its keys moved)
     fixed, changes = compare_configs(saved_config, cfg.to_dict())
@@ -103,18 +117,52 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
 
 
 def prepare(start: Start) -> Start:
-    """After ``plan`` on every rank: rank 0 moves an overwritten run aside and creates the directory."""
+    """After ``plan`` on every rank: rank 0 takes the run directory's lock (before anything is written
+    there), moves an overwritten run aside, creates the directory, and checks the checkpoint to resume
+    against its manifest. A failure there (another trainer holds the directory, a damaged checkpoint)
+    raises on every rank with the same one-line message."""
     distributed.barrier()  # every rank has looked before rank 0 changes anything
+    failure = None
     if distributed.rank() == 0:
-        if start.move_aside is not None:
-            os.replace(start.out_dir, start.move_aside)
-            distributed.print0(f"--overwrite: the previous run in '{start.out_dir}' was moved to "
-                               f"'{start.move_aside}'")
-        start.out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+        try:
+            _claim(start)
+            if start.checkpoint is not None:
+                check_resume(start.checkpoint)
+        except (RunDirError, CheckpointError) as exc:
+            failure = exc
+        except OSError as exc:
+            failure = RunDirError(f"preparing log.out_dir '{start.out_dir}' failed: {exc.strerror or exc} "
+                                  f"({exc.filename or start.out_dir})")
+        if failure is not None and start.lock is not None:
+            start.lock.release()
+            start.lock = None
+    message = distributed.first_error(None if failure is None else str(failure))  # (also the barrier)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RunDirError(message)
     for change in start.changes:
         distributed.print0(f"resuming with a changed setting: {change}")
     return start
+
+
+def _claim(start: Start) -> None:
+    """Rank 0: lock log.out_dir (the old run's lock first under --overwrite: a run another trainer still
+    writes is never moved aside), move an old run aside, create the directory."""
+    if start.move_aside is not None:
+        old = _lock(start.out_dir)
+        os.replace(start.out_dir, start.move_aside)
+        old.release(moved_to=start.move_aside)
+        distributed.print0(f"--overwrite: the previous run in '{start.out_dir}' was moved to '{start.move_aside}'")
+    start.out_dir.mkdir(parents=True, exist_ok=True)
+    start.lock = _lock(start.out_dir)
+
+
+def _lock(out_dir: Path) -> run_lock.RunLock:
+    try:
+        return run_lock.acquire(out_dir, notify=distributed.print0)
+    except run_lock.RunLocked as exc:
+        raise RunDirError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -170,6 +218,7 @@ def _find_checkpoint(out_dir: Path, resume: str) -> Path | None:
         raise RunDirError(f"--resume '{resume}' does not exist; give a checkpoint directory "
                           "(runs/<name>/checkpoints/epoch_XXXX), a run directory, or 'auto'")
     if not (path / STATE_TAG).is_dir() or not (path / TRAINER_FILE).is_file():
+        _check_files(path)
         raise RunDirError(f"--resume '{resume}' is not a complete fdfo checkpoint (it needs '{STATE_TAG}/' and "
                           f"'{TRAINER_FILE}'); give runs/<name>/checkpoints/epoch_XXXX")
     return path
@@ -180,9 +229,21 @@ def _latest(root: Path) -> Path | None:
     if path is None:
         return None
     if not (path / TRAINER_FILE).is_file():
+        _check_files(path)
         raise RunDirError(f"'{root / LATEST}' names '{path.name}', which is not a complete checkpoint; resume from "
                           f"one of {sorted(p.name for p in root.glob('epoch_*'))} with --resume DIR")
     return path
+
+
+def _check_files(checkpoint: Path) -> None:
+    """An incomplete checkpoint that has a manifest: the one-line CheckpointDamaged naming what is missing."""
+    from fdfo import integrity
+    from fdfo.checkpoint import CheckpointDamaged, damaged_message
+
+    if (checkpoint / integrity.MANIFEST).is_file():
+        verdict = integrity.verify(checkpoint, skip=("state_universal",))
+        if verdict.status == "bad":
+            raise CheckpointDamaged(damaged_message(checkpoint, verdict))
 
 
 def _read_trainer_state(checkpoint: Path) -> dict:

@@ -3,7 +3,10 @@ gives, checked against a base model before any sampling, and loaded into it.
 
 A checkpoint is a LoRA adapter (diffusers' ``pytorch_lora_weights.safetensors``, or peft's format: a
 published adapter) or a fully fine-tuned transformer, with the run config it remembers when it has
-one. Writing checkpoints during training and resuming from them is ``fdfo.checkpoint``'s.
+one. The exported weights of an fdfo checkpoint (its ``adapter/`` or ``transformer/``, and its
+``trainer.json``) are checked against the checkpoint's manifest as they are found (``fdfo.integrity``):
+a damaged file is one line naming it and the newest checkpoint of the run that verifies. Writing
+checkpoints during training and resuming from them is ``fdfo.checkpoint``'s.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
-from fdfo import adapters
+from fdfo import adapters, integrity
+from fdfo.checkpoint import EXPORTS, TRAINER_FILE, check_export
 from fdfo.models import FlowModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -42,6 +46,9 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         return resolve_checkpoint(path / "checkpoints" / latest.read_text().strip())
+    for weights in ([path] if path.name in EXPORTS else [path / name for name in EXPORTS]):
+        if weights.is_dir():
+            _verify(weights)  # (before anything is read from it: a missing file is named here too)
     for adapter, run_dir in ((path, path.parent), (path / "adapter", path)):
         if (adapter / LORA_FILE).is_file():
             return Checkpoint("lora", adapter, _run_config(run_dir))
@@ -51,6 +58,15 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint("full", path / "transformer", _run_config(path))
     raise FileNotFoundError(f"'{path}' holds no checkpoint (no pytorch_lora_weights.safetensors, peft adapter "
                             "files, adapter/ or transformer/, and no checkpoints/latest)")
+
+
+def _verify(weights_dir: Path) -> None:
+    """The exported weights ``weights_dir`` of an fdfo checkpoint (``epoch_XXXX/adapter`` or ``/transformer``)
+    against the checkpoint's manifest (CheckpointDamaged, a ValueError, when they do not match; a notice when
+    the checkpoint predates manifests). Weights outside an fdfo checkpoint (a published adapter) have none."""
+    checkpoint = weights_dir.parent
+    if (checkpoint / integrity.MANIFEST).is_file() or (checkpoint / TRAINER_FILE).is_file():
+        check_export(checkpoint, weights_dir.name)
 
 
 def _run_config(checkpoint_dir: Path) -> dict | None:

@@ -57,7 +57,7 @@ def test_layout_latest_and_due(tmp_path):
     assert not manager(tmp_path, every=0).due(5, last=True)
     path = save(m, 5)
     assert path == tmp_path / "checkpoints" / "epoch_0005"
-    assert sorted(p.name for p in path.iterdir()) == ["adapter", "state", "trainer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter", "manifest.json", "state", "trainer.json"]
     assert json.loads((path / "trainer.json").read_text()) == {"epoch": 5, "global_step": 20}  # no history
     assert (tmp_path / "checkpoints" / LATEST).read_text() == "epoch_0005"
     assert m.latest() == path

@@ -49,7 +49,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, 2, config(run))
     start = prepare(plan(config(run), overwrite=True))
-    assert start.checkpoint is None and run.is_dir() and not any(run.iterdir())
+    assert start.checkpoint is None and run.is_dir() and [p.name for p in run.iterdir()] == ["fdfo.lock"]
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert (aside / "checkpoints" / "epoch_0002" / "trainer.json").is_file()  # nothing deleted
     with pytest.raises(RunDirError, match="contradict"):
