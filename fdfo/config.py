@@ -248,6 +248,10 @@ class CheckpointConfig:
 
     every: int = field(default=5, metadata=check(at_least(0)))  # epochs; 0 = never
     keep_last: int = field(default=0, metadata=check(at_least(0)))  # 0 = keep all
+    # After a resume, the first trained epoch against the five before it: a loss or gradient norm more than
+    # this many times theirs, or a clip fraction of 0.4 from at most 0.1, stops the run before it writes
+    # anything (fdfo.resume_guard). 0 = no check.
+    resume_guard: float = field(default=100.0, metadata=check(Rule(lambda v: v == 0 or v > 1, "0 (off) or above 1")))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from fdfo.errors import RewardFailed, first_line
+
 Decode = Callable[[torch.Tensor], torch.Tensor]  # final states [n, C, h, w] -> images [n, 3, H, W] in [0, 1]
 Reward = Callable[[list[str], torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -150,6 +152,14 @@ class Scorer:
             else:
                 self._waiting[0] = (p[k:], im[k:])
             taken += k
-        rewards, parts = self.reward(prompts, torch.cat(images))
+        try:
+            rewards, parts = self.reward(prompts, torch.cat(images))
+        except torch.OutOfMemoryError:
+            raise  # (the run's memory, not the reward's fault: the trainer says which settings lower it)
+        except Exception as exc:  # noqa: BLE001  (any failure of the reward model: named, never trained on)
+            raise RewardFailed(first_line(exc)) from exc
+        for name, scores in {"reward": rewards, **parts}.items():
+            if scores.shape[:1] != (len(prompts),):
+                raise RewardFailed(f"{name} returned {tuple(scores.shape)} scores for {len(prompts)} images")
         self._rewards.append(rewards)
         self._parts.append(parts)

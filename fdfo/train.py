@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     from fdfo import interrupts
     from fdfo.checkpoint import CheckpointError
+    from fdfo.errors import TrainingError
+    from fdfo.failures import last_checkpoint
     from fdfo.run_dir import RunComplete
-    from fdfo.trainer import Trainer, TrainingError
+    from fdfo.trainer import Trainer
 
     interrupts.install()
     try:
@@ -86,24 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fdfo] {exc}", flush=True)
         return 0
     except KeyboardInterrupt as exc:
-        print(f"fdfo: stopped by {str(exc) or 'SIGINT'}; {_last_checkpoint(cfg)}", file=sys.stderr)
+        print(f"fdfo: stopped by {str(exc) or 'SIGINT'}; {last_checkpoint(cfg.log.out_dir)}", file=sys.stderr)
         return interrupts.exit_code(exc)
     except (FileNotFoundError, ConfigError, FloatingPointError, CheckpointError, TrainingError) as exc:
         print(f"fdfo: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _last_checkpoint(cfg) -> str:
-    """Where an interrupted run can continue from."""
-    from pathlib import Path
-
-    from fdfo.checkpoint import latest_in
-
-    latest = latest_in(Path(cfg.log.out_dir) / "checkpoints")
-    if latest is not None:
-        return f"the last complete checkpoint is '{latest}': continue with --resume"
-    return "no checkpoint was written yet"
 
 
 if __name__ == "__main__":

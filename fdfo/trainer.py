@@ -11,6 +11,7 @@ index), so a resumed run repeats the uninterrupted run's epochs exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -26,11 +27,13 @@ from fdfo.algorithms.base import Policy
 from fdfo.checkpoint import CheckpointManager
 from fdfo.context import RunContext, Stream, global_rng
 from fdfo.engine import Engine
-from fdfo.errors import ConfigError
+from fdfo import failures
+from fdfo.errors import ConfigError, RewardFailed, TrainingError
 from fdfo.gpu_stats import GpuStats
 from fdfo.models import family_for, load_flow_model
 from fdfo.prompts import load_prompts
 from fdfo.report import RunReport
+from fdfo.resume_guard import ResumeGuard
 from fdfo.rewards import build_reward, build_weighted_reward
 from fdfo.sampling import sample_deterministic
 from fdfo.scoring import Scorer
@@ -97,10 +100,6 @@ def settle_model_settings(cfg: RunConfig) -> tuple[RunConfig, Path | None, type]
     return (settings.with_overrides(cfg, {"lora": lora}) if lora else cfg), path, family
 
 
-class TrainingError(RuntimeError):
-    """The run could not train (e.g. every epoch's rewards were non-finite); the message says why."""
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False):
         """``resume``: None, "auto" or a checkpoint / run directory; ``overwrite``: move an existing run
@@ -130,13 +129,16 @@ class Trainer:
             self.model = load_flow_model(cfg.model, self.device, options=settings.family_options(cfg, family),
                                          shift=cfg.sampling.shift, progress=self.progress)
             reward_device = torch.device(cfg.reward.device) if cfg.reward.device else self.device
-            self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, reward_device,
-                                                cfg.model.cache_dir,
-                                                {name: {"batch_size": cfg.reward.batch_size} for name in
-                                                 cfg.reward.weights})
-            self.eval_metrics = {name: build_reward(name, cfg.reward.paths.get(name), reward_device,
-                                                    cfg.model.cache_dir, batch_size=cfg.reward.batch_size)
-                                 for name in cfg.eval.metrics}
+            load_hint = "check reward.weights, reward.paths and model.cache_dir (or the network, for hub models)"
+            with self._part(f"loading the reward model(s) {', '.join(map(repr, cfg.reward.weights))}", load_hint):
+                self.reward = build_weighted_reward(cfg.reward.weights, cfg.reward.paths, reward_device,
+                                                    cfg.model.cache_dir,
+                                                    {name: {"batch_size": cfg.reward.batch_size} for name in
+                                                     cfg.reward.weights})
+            with self._part(f"loading the evaluation metric(s) {', '.join(map(repr, cfg.eval.metrics))}", load_hint):
+                self.eval_metrics = {name: build_reward(name, cfg.reward.paths.get(name), reward_device,
+                                                        cfg.model.cache_dir, batch_size=cfg.reward.batch_size)
+                                     for name in cfg.eval.metrics}
         if cfg.lora.enabled:
             if init_adapter is not None:
                 self.model.load_adapter(init_adapter, trainable=True, lora_dtype=cfg.lora.dtype)
@@ -162,8 +164,10 @@ class Trainer:
         self._compile_s_seen = 0.0
         self.checkpoints = CheckpointManager(self.out_dir, cfg.checkpoint, self.engine)
         self.report = RunReport(self.out_dir, cfg, enabled=self.rank == 0, resumed=start.checkpoint is not None)
+        self.guard = None
         if start.checkpoint is not None:
             state = self.checkpoints.load(start.checkpoint)
+            self.guard = ResumeGuard(start.checkpoint, state["history"], cfg.checkpoint.resume_guard)
             self.engine.set_hyperparameters(cfg.train)  # the run config's, not the ones saved with the state
             self.epoch, self.global_step = state["epoch"], state["global_step"]
             self.report.resume(state["history"], self.epoch)
@@ -378,13 +382,17 @@ class Trainer:
             distributed.print0("base model: " + self._summary(self.evaluate(0)))
         trained = 0
         for epoch in range(self.epoch, cfg.train.epochs):
-            rec = self.train_epoch(epoch)
+            with self._part(f"epoch {epoch + 1}"):
+                rec = self.train_epoch(epoch)
+            if self.guard is not None:
+                self.guard.check(rec)  # the first trained epoch after a resume: stops before anything is written
             trained += not rec["skipped"]
             self.epoch = epoch + 1
             last = self.epoch == cfg.train.epochs
             distributed.print0(self._summary(rec))
             if cfg.eval.every and (self.epoch % cfg.eval.every == 0 or last):
-                distributed.print0(self._summary(self.evaluate(self.epoch)))
+                with self._part(f"the evaluation after epoch {self.epoch}"):
+                    distributed.print0(self._summary(self.evaluate(self.epoch)))
             if cfg.log.plot_every and (self.epoch % cfg.log.plot_every == 0 or last):
                 self.report.plot_curves()
             if self.checkpoints.due(self.epoch, last):
@@ -395,6 +403,29 @@ class Trainer:
                                 "skipped for non-finite rewards: nothing was trained. The warnings above name the "
                                 "reward and prompts; check reward.weights and the reward models")
         return self.report.history
+
+    @contextlib.contextmanager
+    def _part(self, what: str, load_hint: str = ""):
+        """Turns the failure of a part the run depends on into one line (fdfo.failures): a reward that raised
+        or miscounted, an out-of-memory error (with the settings that lower memory), and, given ``load_hint``,
+        a model that could not be built. Raised before anything of the failed part is written; other errors
+        (a config error, a missing file named as such) pass unchanged."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            tuned = getattr(self, "tuned", None)
+            hint = failures.memory_hint(self.cfg, tuned.train_rows if tuned else self.layout.micro_batch_rows,
+                                        tuned.sample_pairs if tuned else self.cfg.sampling.micro_batch_pairs)
+            raise failures.part_failed(f"{what} ran out of memory", exc, self.out_dir, hint) from exc
+        except RewardFailed as exc:
+            raise failures.part_failed(f"{what}: the reward failed", exc, self.out_dir,
+                                       "check reward.weights, reward.paths and the reward models") from exc
+        except (ConfigError, FileNotFoundError, TrainingError):
+            raise
+        except (OSError, RuntimeError, ValueError, ImportError) as exc:
+            if not load_hint:
+                raise
+            raise failures.part_failed(f"{what} failed", exc, self.out_dir, load_hint) from exc
 
     def _summary(self, record: dict) -> str:
         """One line per epoch or evaluation: the reward, the algorithm's own metrics, times, eval metrics."""
