@@ -30,7 +30,7 @@ from dataclasses import field
 from fdfo import algorithms, models
 from fdfo.config import SHARED_SECTIONS, load
 from fdfo.errors import ConfigError
-from fdfo.rewards import reward_factories
+from fdfo.rewards import plugin, reward_factories
 from fdfo.sampling import SCHEDULES, ChurnConfig
 
 
@@ -155,7 +155,12 @@ def _check_reward_names(cfg: RunConfig) -> None:
     valid = sorted(reward_factories())
     for key, names in (("reward.weights", cfg.reward.weights), ("eval.metrics", cfg.eval.metrics)):
         for name in names:
-            if name not in valid:
+            if plugin.is_spec(name):
+                try:
+                    plugin.resolve(name)
+                except ConfigError as exc:
+                    raise ConfigError(f"config key '{key}' names {exc}") from None
+            elif name not in valid:
                 close = difflib.get_close_matches(name, valid, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"config key '{key}' names unknown reward '{name}'{hint}; "

@@ -107,7 +107,7 @@ def test_presets_and_registry():
     assert preset_weights("pickscore") == {"pickscore": 1.0}
     assert preset_weights("vlm_alignment") == {"vlm_alignment": 1.0}
     assert set(PRESETS) == {"pickscore", "vlm_alignment", "combined"}
-    assert set(REGISTRY) == {"pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2"}
+    assert set(REGISTRY) == {"pickscore", "vlm_alignment", "clip_score", "clip_score_h14", "hpsv2", "remote"}
     # The built-in tasks' rewards come from their task, not from this registry.
     assert set(reward_factories()) == set(REGISTRY) | {"digit_probability", "digit_judge_accuracy"}
     with pytest.raises(ValueError, match="available presets"):

@@ -13,6 +13,8 @@ weights, or for a built-in task's reward its own models, also named ``builtin``)
     hpsv2                 100·cos under HPSv2 (only where weights are given) ±100
     digit_probability     the digits task's CNN probability of the digit     [0, 1]
     digit_judge_accuracy  the digits task's held-out judge is right          {0, 1}
+    remote                the scores of a reward server at reward.paths.remote (fdfo.rewards.remote)
+    module.path:Name      a reward from outside the package (fdfo.rewards.plugin)
 
 Published presets (docs/algorithm.md §2): ``pickscore``, ``vlm_alignment`` and
 ``combined`` (PickScore ×1 + VLM ×0.1, the default); ``preset_weights(name)``.
@@ -35,7 +37,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from fdfo.rewards.base import RewardUnavailable, mean_pairwise_distance, report_nonfinite
+from fdfo.rewards import plugin
+from fdfo.rewards.base import RewardUnavailable, checked_scores, mean_pairwise_distance, report_nonfinite
 
 
 class Reward(Protocol):
@@ -69,6 +72,13 @@ def _pretrained(module: str, cls: str) -> Callable:
     return factory
 
 
+def _remote(path: str | None, cache_dir: str | None, device, *, batch_size: int | None = None):
+    """Factory of the ``remote`` reward: ``path`` is the server's URL (the scores land on the images' device)."""
+    from fdfo.rewards.remote import RemoteReward
+
+    return RemoteReward(path, **({"batch_size": batch_size} if batch_size is not None else {}))
+
+
 # name -> factory(path or None, cache_dir, device, **options) -> Reward. The built-in tasks'
 # rewards (digit_probability, ...) come from their task (fdfo.tasks), loaded when first asked for.
 REGISTRY: dict[str, Callable] = {
@@ -77,6 +87,7 @@ REGISTRY: dict[str, Callable] = {
     "clip_score": _pretrained("fdfo.rewards.clip_score", "ClipScore"),
     "clip_score_h14": _pretrained("fdfo.rewards.clip_score", "ClipScoreH14"),
     "hpsv2": _pretrained("fdfo.rewards.clip_score", "HPSv2"),
+    "remote": _remote,
 }
 
 
@@ -122,12 +133,17 @@ def build_reward(name: str, path: str | None, device: torch.device | str, /, cac
     """Load reward ``name`` onto ``device``; options (batch_size, dtype) go to its factory.
 
     ``path`` is where its weights are (None: the default ones); an option the reward does not
-    take is an error that names it and lists the ones it takes.
+    take is an error that names it and lists the ones it takes. A name ``module.path:Name`` is a
+    reward from outside the package (``fdfo.rewards.plugin``).
     """
     factories = reward_factories()
-    if name not in factories:
-        raise ValueError(f"unknown reward '{name}'; available rewards: {', '.join(sorted(factories))}")
-    factory = factories[name]
+    if plugin.is_spec(name):
+        factory = plugin.factory(name)
+    elif name in factories:
+        factory = factories[name]
+    else:
+        raise ValueError(f"unknown reward '{name}'; available rewards: {', '.join(sorted(factories))}, "
+                         "or module.path:Name for one of your own")
     valid = _option_names(factory)
     unknown = sorted(set(options) - valid) if valid is not None else []
     if unknown:
@@ -140,7 +156,8 @@ class WeightedReward:
     """R = Σ_k w_k·R_k; also returns each term so that it can be logged.
 
     A term that is NaN/inf for some image is reported with its prompt (a warning);
-    the total is then non-finite too, and the trainer skips the batch.
+    the total is then non-finite too, and the trainer skips the batch. A term that does not
+    give one score per image is an error naming it.
     """
 
     def __init__(self, terms: dict[str, tuple[float, Reward]]):
@@ -148,7 +165,8 @@ class WeightedReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {name: fn(prompts, images).float() for name, (_, fn) in self.terms.items()}
+        parts = {name: checked_scores(name, fn(prompts, images), len(prompts)).float()
+                 for name, (_, fn) in self.terms.items()}
         for name, value in parts.items():
             report_nonfinite(name, prompts, value)
         total = sum(self.terms[name][0] * value for name, value in parts.items())

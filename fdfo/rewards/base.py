@@ -104,14 +104,26 @@ class FrozenRewardModel:
             raise ValueError(f"reward '{self.name}': got {len(prompts)} prompts for {images.shape[0]} images")
         out = torch.empty(len(prompts), dtype=torch.float32)
         for i in range(0, len(prompts), self.batch_size):
-            out[i:i + self.batch_size] = self._score_batch(prompts[i:i + self.batch_size],
-                                                           images[i:i + self.batch_size]).float().cpu()
+            chunk = prompts[i:i + self.batch_size]
+            scores = self._score_batch(chunk, images[i:i + self.batch_size])
+            out[i:i + self.batch_size] = checked_scores(self.name, scores, len(chunk)).float().cpu()
         bad = ~torch.isfinite(images.detach()).flatten(1).all(1).cpu()
         out[bad] = float("nan")  # never score a broken image as if it were fine
         return out.to(images.device)
 
     def __call__(self, prompts: list[str], images: Tensor) -> Tensor:
         return self.score(prompts, images)
+
+
+def checked_scores(name: str, scores, n: int) -> Tensor:
+    """``scores`` if it is a tensor [n] (one score per image), else a one-line error naming reward ``name``."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"reward '{name}' returned a {type(scores).__name__}; a reward returns a tensor [B] "
+                        f"of scores, one per image")
+    if tuple(scores.shape) != (n,):
+        raise ValueError(f"reward '{name}' returned scores of shape {tuple(scores.shape)} for {n} images; a "
+                         f"reward returns a tensor [B] of scores, one per image")
+    return scores
 
 
 def report_nonfinite(name: str, prompts: list[str], scores: Tensor) -> int:
