@@ -39,5 +39,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "vlm": ["qwen-vl-utils"],
         "logging": ["wandb", "tensorboard"],
+        # data.prompts: hf:DATASET[:SPLIT]:COLUMN (fdfo/hf_prompts.py); load_dataset(split=) as used is in every 2.x
+        "prompts": ["datasets>=2.0"],
     },
 )
