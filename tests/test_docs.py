@@ -27,7 +27,7 @@ LINK_RE = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 # A path given as the default of an output flag is what that command writes, not a repository file.
 OUTPUT_DEFAULT_RE = re.compile(r"""add_argument\(\s*["']--(?:out|json)\b""")
 # Files the documents tell a user to write (README, "Prompt sets"); they are not in the repository.
-USER_WRITTEN = {"prompts/pickscore_train.txt", "prompts/hpdv2_all.txt", "prompts/hpdv2_photo.txt"}
+USER_WRITTEN = {"prompts/pickscore_train.txt", "prompts/pickscore_test.txt", "prompts/hpdv2_all.txt", "prompts/hpdv2_photo.txt"}
 
 # The cited sections of docs/algorithm.md and a word their heading must hold, so that a renumbering
 # that moves the content away from a citation fails here.
