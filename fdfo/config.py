@@ -232,13 +232,19 @@ class LogConfig:
     """Where and how a run reports."""
 
     out_dir: str = "runs/sd35"  # the run directory
-    # Epochs between reward-curve and sample-grid PNGs; 0 = never.
+    # Epochs between reward-curve and sample-grid PNGs (the last epoch always has them; every evaluation
+    # saves its own grid); 0 = no pictures.
     plot_every: int = field(default=5, metadata=check(at_least(0)))
-    # Rows of the sample grid: pairs (FDFO), or groups (Flow-GRPO, 8 images of each).
+    # Rows of the sample grids: pairs (FDFO), or groups (Flow-GRPO, 8 images of each); an evaluation's
+    # grid: prompts, 8 fixed seeds each.
     grid_pairs: int = field(default=8, metadata=check(at_least(0)))
-    wandb: bool = False  # log to Weights & Biases
+    # Log to Weights & Biases: scalars and sample grids; a resume continues the same wandb run
+    # (WANDB_MODE=offline: kept in the run directory's wandb/). Needs pip install -e ".[logging]".
+    wandb: bool = False
     wandb_project: str = "fdfo"  # the wandb project
-    tensorboard: bool = False  # write TensorBoard events into the run directory
+    # Write TensorBoard events (scalars, sample grids) into the run directory's tensorboard/. Needs the
+    # logging extra, as wandb.
+    tensorboard: bool = False
     progress: bool = True  # progress bars (rank 0)
 
 

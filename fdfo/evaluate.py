@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo import atomic, cli, distributed, inference
+from fdfo import atomic, cli, distributed, inference, progress
 from fdfo.evaluation import evaluate_model, results_json, write_report
 from fdfo.metrics import build_metrics, check_metric_names, metric_paths
 from fdfo.outputs import check_out_dir
@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    progress.quiet_libraries()  # (the protocol's too)
     if any(a == "--protocol" or a.startswith("--protocol=") for a in argv):
         from fdfo import evaluate_protocol
 
@@ -142,10 +143,12 @@ def _run(args, rank: int, world: int) -> int:
               report_repeats=args.report_repeats)
     variants = {}
     if ckpt is None or not args.no_base:
-        variants["base"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
+        variants["base"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw,
+                                          show_progress="base model" if rank == 0 else None)
     if ckpt is not None:
         apply_checkpoint(model, ckpt)
-        variants["checkpoint"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw)
+        variants["checkpoint"] = evaluate_model(model, prompts, seeds, metrics, settings, **kw,
+                                                show_progress="checkpoint" if rank == 0 else None)
     if rank == 0:
         results = results_json(prompts, seeds, settings, ckpt, notes, variants, world, time.time() - t0)
         atomic.write_text(out / "results.json",

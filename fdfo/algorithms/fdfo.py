@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from fdfo import distributed, kernels, tuning
+from fdfo import distributed, kernels, progress, tuning
 from fdfo.context import Stream
 from fdfo.config import Rule, above, at_least, check
 from fdfo.algorithms.base import Algorithm, Batch, Layout, Policy, fetch, valid_values
@@ -98,7 +97,7 @@ class FDFO(Algorithm):
         scorer = scorer or Scorer(pol.decode)
         with pol.sampling():
             cond = pol.encode(prompts)  # [P, ...]
-            for b in tqdm(batches, desc=f"epoch {epoch + 1} sample", disable=not pol.progress, leave=False):
+            for b in progress.bar(batches, desc=f"epoch {epoch + 1} sample", enabled=pol.progress):
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 g_prior, g_steps = self.cfg.churn.amounts(pol.sigmas, 2 * b.size, b.gen_cpu)
                 rows_cond = cond[b.start:b.start + b.size].repeat_rows(2)

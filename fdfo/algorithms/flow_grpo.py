@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from fdfo import tuning
+from fdfo import progress, tuning
 from fdfo.algorithms.base import Algorithm, Batch, Layout, fetch, valid_values
 from fdfo.context import Stream
 from fdfo.config import above, at_least, check, optional
@@ -177,8 +176,8 @@ class FlowGRPO(Algorithm):
         scorer = scorer or Scorer(pol.decode)
         with pol.sampling():
             cond = pol.encode(prompts)  # [groups, ...]
-            for b in tqdm(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
-                          disable=not pol.progress, leave=False):
+            for b in progress.bar(pol.micro_batches(epoch, rows, mb), desc=f"epoch {epoch + 1} sample",
+                                  enabled=pol.progress):
                 r = torch.arange(b.start, b.start + b.size)
                 latents = torch.randn(b.size, *pol.model.latent_shape, generator=b.gen_dev, device=pol.device)
                 traj = sample_sde(pol.velocity_fn(cond[r // G]), latents, pol.sigmas, self.settings.noise_level,

@@ -13,12 +13,13 @@ its tests.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
-from fdfo import tasks
+from fdfo import hub, tasks
 from fdfo.errors import ConfigError
-from fdfo.models.base import Conditioning, FlowModel, model_index
+from fdfo.models.base import HUB_FIX, Conditioning, FlowModel, model_index
 from fdfo.models.flux import FluxFlowModel
 from fdfo.models.sd3 import SD3FlowModel
 
@@ -59,6 +60,8 @@ def load_flow_model(model_cfg, device: torch.device, *, options=None, shift: flo
     backend) on ``device``, with ``options``: the family's own settings (an instance of its ``Options``;
     None = their defaults). The family and the attention backend are checked before any weight is read."""
     path = tasks.resolve_model_path(model_cfg.path, model_cfg.cache_dir, progress=progress)
+    if not Path(path).expanduser().is_dir():  # a hub id: its cached snapshot when the hub is off or out of reach
+        path = hub.resolve(path, "model.path", HUB_FIX, revision=model_cfg.revision, cache_dir=model_cfg.cache_dir)
     family = family_of(path, model_cfg.revision)
     family.check_settings(model_cfg)
     if options is None and family.Options is not None:

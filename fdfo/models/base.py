@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fdfo import adapters
+from fdfo import adapters, hub
 from fdfo.compilation import Compiled
 from fdfo.config import LoraConfig
 from fdfo.errors import ConfigError
@@ -66,6 +66,9 @@ class Conditioning:
         return Conditioning(torch.cat([c.embeds for c in items]), torch.cat([c.pooled for c in items]))
 
 
+HUB_FIX = "download it where there is network (huggingface-cli download) or give a local directory"
+
+
 def model_index(path: str, revision: str | None) -> dict:
     """model_index.json of a local directory or hub repository, with a clear error when absent."""
     local = Path(path).expanduser()
@@ -78,6 +81,9 @@ def model_index(path: str, revision: str | None) -> dict:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model.path '{path}' does not exist; give a local diffusers pipeline directory "
                                 "or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'")
+    source = hub.resolve(path, "model.path", HUB_FIX, revision=revision)
+    if Path(source).is_dir():  # the cached snapshot (the hub is off or out of reach)
+        return model_index(source, None)
     from diffusers import DiffusionPipeline
 
     try:

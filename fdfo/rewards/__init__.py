@@ -98,6 +98,23 @@ DIVERSITY_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+# The range of each built-in reward's score (the table above; pickscore's with the published weights), for
+# the reward curve, whose band stays inside it. A name not here (a plugin's, remote) has no known range.
+RANGES: dict[str, tuple[float, float]] = {
+    "pickscore": (-100.0, 100.0), "vlm_alignment": (0.0, 100.0), "clip_score": (0.0, 100.0),
+    "clip_score_h14": (0.0, 100.0), "hpsv2": (-100.0, 100.0), "digit_probability": (0.0, 1.0),
+    "digit_judge_accuracy": (0.0, 1.0),
+}
+
+
+def weighted_range(weights: dict[str, float]) -> tuple[float, float] | None:
+    """The range of Σ_k w_k·R_k from its terms' ranges; None when a term's range is not known."""
+    if not weights or any(name not in RANGES for name in weights):
+        return None
+    ends = [sorted((w * RANGES[name][0], w * RANGES[name][1])) for name, w in weights.items()]
+    return sum(lo for lo, _ in ends), sum(hi for _, hi in ends)
+
+
 def build_diversity(name: str, path: str | None, device: torch.device | str, /, *, batch_size: int | None = None):
     """Load diversity metric ``name``'s image embedder (its ``note`` describes the figure).
 
@@ -182,6 +199,6 @@ def build_weighted_reward(weights: dict[str, float], paths: dict[str, str], devi
                            for name, w in weights.items()})
 
 
-__all__ = ["DIVERSITY_METRICS", "PRESETS", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward",
+__all__ = ["DIVERSITY_METRICS", "PRESETS", "RANGES", "REGISTRY", "Reward", "RewardUnavailable", "WeightedReward",
            "build_diversity", "build_reward", "build_weighted_reward", "mean_pairwise_distance", "preset_weights",
-           "report_nonfinite", "reward_factories"]
+           "report_nonfinite", "reward_factories", "weighted_range"]

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fdfo import hub
+
 
 class RewardUnavailable(FileNotFoundError):
     """A reward whose weights were not given (e.g. HPSv2 without a path): reported, not faked."""
@@ -40,7 +42,12 @@ def resolve_source(path: str | None, default: str | None, name: str) -> str:
 
 
 def load_pretrained(loader, source: str, name: str, **kwargs):
-    """``loader(source)`` (a ``from_pretrained``), turning hub/network failures into a clear FileNotFoundError."""
+    """``loader(source)`` (a ``from_pretrained``), turning hub/network failures into a clear FileNotFoundError;
+    a hub id is answered from the cache, or refused at once, when the hub is off or out of reach (fdfo.hub)."""
+    if not Path(source).is_dir():
+        source = hub.resolve(source, f"reward '{name}'", f"download it where there is network (huggingface-cli "
+                             f"download {source} --local-dir DIR) and set reward.paths.{name}: DIR",
+                             cache_dir=kwargs.get("cache_dir"))
     try:
         return loader(source, **kwargs)
     except OSError as exc:

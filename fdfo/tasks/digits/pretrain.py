@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fdfo import atomic, tasks
+from fdfo.progress import bar as progress_bar
 from fdfo.context import global_rng
 from fdfo.models.tiny import build_tiny_sd3_pipeline
 from fdfo.sampling import sample_deterministic
@@ -87,7 +87,8 @@ def pretrain_digits_base(out_dir: Path, reward_dir: Path, *, seed: int = 0, max_
         g = torch.Generator().manual_seed(seed)
         history, acc, step = [], 0.0, 0
         start = time.time()
-        bar = tqdm(range(1, max_steps + 1), desc="pretrain digits base", disable=not progress)
+        bar = progress_bar(range(1, max_steps + 1), desc="pretrain digits base", unit="steps", enabled=progress,
+                       leave=True)
         for step in bar:
             idx = torch.randint(len(images), (batch_size,), generator=g)
             x0, y = images[idx], labels[idx]

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fdfo import atomic
+from fdfo.progress import bar as progress_bar
 from fdfo.tasks.digits.data import IMAGE_SIZE, DigitData, load_digits
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -129,7 +129,7 @@ def _train_classifier(data: DigitData, steps: int, seed: int, progress: bool,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    bar = tqdm(range(steps), desc="digit classifier", disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc="digit classifier", unit="steps", enabled=progress)
     for _ in bar:
         idx = torch.randint(0, len(data.train_labels), (batch_size,), generator=gen)
         x = random_shift(data.train_images[idx], max_shift, gen)  # [B,1,S,S]
