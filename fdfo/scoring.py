@@ -158,8 +158,5 @@ class Scorer:
             raise  # (the run's memory, not the reward's fault: the trainer says which settings lower it)
         except Exception as exc:  # noqa: BLE001  (any failure of the reward model: named, never trained on)
             raise RewardFailed(first_line(exc)) from exc
-        for name, scores in {"reward": rewards, **parts}.items():
-            if scores.shape[:1] != (len(prompts),):
-                raise RewardFailed(f"{name} returned {tuple(scores.shape)} scores for {len(prompts)} images")
         self._rewards.append(rewards)
         self._parts.append(parts)

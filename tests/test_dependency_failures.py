@@ -33,10 +33,21 @@ def _sections(epochs: int) -> dict:
     return dict(QUIET, checkpoint={"every": 1}, train={"epochs": epochs})
 
 
-def test_a_reward_that_raises_while_scoring_stops_at_the_last_checkpoint(tmp_path, tiny_pipeline_dir,
-                                                                         digit_reward_dir, monkeypatch, capsys):
+def _run_with_reward(tmp_path, name, factory, epochs, pipeline, reward_dir, monkeypatch, capsys, **reward):
+    """``fdfo.train`` on the tiny job with ``factory`` as its only reward: (run directory, exit code, stderr,
+    its last line)."""
     from fdfo import rewards
 
+    monkeypatch.setitem(rewards.REGISTRY, name, factory)
+    run = tmp_path / name
+    cfg = tiny_run(run, pipeline, reward_dir, **_sections(epochs),
+                   reward={"weights": {name: 1.0}, "paths": {}, **reward})
+    code, err = _run_main(tmp_path, name, cfg, capsys)
+    return run, code, err, err.strip().splitlines()[-1]
+
+
+def test_a_reward_that_raises_while_scoring_stops_at_the_last_checkpoint(tmp_path, tiny_pipeline_dir,
+                                                                         digit_reward_dir, monkeypatch, capsys):
     seen = [0]
     message = f"connection reset by the scoring service {random.randrange(10**6)}"
 
@@ -48,13 +59,9 @@ def test_a_reward_that_raises_while_scoring_stops_at_the_last_checkpoint(tmp_pat
             return images.float().mean(dim=(1, 2, 3))
         return score
 
-    monkeypatch.setitem(rewards.REGISTRY, "flaky", flaky)
-    run = tmp_path / "r"
-    cfg = tiny_run(run, tiny_pipeline_dir, digit_reward_dir, **_sections(3),
-                   reward={"weights": {"flaky": 1.0}, "paths": {}})
-    code, err = _run_main(tmp_path, "r", cfg, capsys)
+    run, code, err, line = _run_with_reward(tmp_path, "flaky", flaky, 3, tiny_pipeline_dir, digit_reward_dir,
+                                            monkeypatch, capsys)
     assert code == 1
-    line = err.strip().splitlines()[-1]
     assert "epoch 2: the reward failed" in line and f"ConnectionError: {message}" in line, line
     assert f"last complete checkpoint is '{run / 'checkpoints' / 'epoch_0001'}'" in line, line
     assert "Traceback" not in err
@@ -65,18 +72,12 @@ def test_a_reward_that_raises_while_scoring_stops_at_the_last_checkpoint(tmp_pat
 def test_a_reward_with_the_wrong_number_of_scores_is_never_trained_on(tmp_path, tiny_pipeline_dir,
                                                                       digit_reward_dir, monkeypatch, capsys,
                                                                       overlap):
-    from fdfo import rewards
-
     def short(path, cache_dir, device, **options):
         return lambda prompts, images: torch.rand(len(prompts) - 1)
 
-    monkeypatch.setitem(rewards.REGISTRY, "short", short)
-    run = tmp_path / "s"
-    cfg = tiny_run(run, tiny_pipeline_dir, digit_reward_dir, **_sections(2),
-                   reward={"weights": {"short": 1.0}, "paths": {}, "overlap": overlap, "batch_size": 3})
-    code, err = _run_main(tmp_path, "s", cfg, capsys)
+    run, code, err, line = _run_with_reward(tmp_path, "short", short, 2, tiny_pipeline_dir, digit_reward_dir,
+                                            monkeypatch, capsys, overlap=overlap, batch_size=3)
     assert code == 1
-    line = err.strip().splitlines()[-1]
     assert "epoch 1: the reward failed" in line and "'short'" in line and "for 3 images" in line, line
     assert "no checkpoint was written yet" in line and "Traceback" not in err
     assert _checkpoints(run) == []
@@ -84,18 +85,12 @@ def test_a_reward_with_the_wrong_number_of_scores_is_never_trained_on(tmp_path, 
 
 def test_a_reward_model_that_cannot_load_is_one_line(tmp_path, tiny_pipeline_dir, digit_reward_dir,
                                                      monkeypatch, capsys):
-    from fdfo import rewards
-
     def broken(path, cache_dir, device, **options):
         raise OSError("Unable to load weights from checkpoint file 'model.safetensors' (header too large)")
 
-    monkeypatch.setitem(rewards.REGISTRY, "broken", broken)
-    run = tmp_path / "l"
-    cfg = tiny_run(run, tiny_pipeline_dir, digit_reward_dir, **_sections(1),
-                   reward={"weights": {"broken": 1.0}, "paths": {}})
-    code, err = _run_main(tmp_path, "l", cfg, capsys)
+    _, code, err, line = _run_with_reward(tmp_path, "broken", broken, 1, tiny_pipeline_dir, digit_reward_dir,
+                                          monkeypatch, capsys)
     assert code == 1
-    line = err.strip().splitlines()[-1]
     assert "loading the reward model(s) 'broken' failed (OSError: Unable to load weights" in line, line
     assert "reward.paths" in line and "no checkpoint was written yet" in line and "Traceback" not in err
 
