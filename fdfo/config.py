@@ -201,12 +201,15 @@ class DataConfig:
 class RewardConfig:
     """The reward: a weighted sum of reward models."""
 
-    # Name -> weight; the reward is the weighted sum (docs/algorithm.md §2).
+    # Name -> weight; the reward is the weighted sum (docs/algorithm.md §2). A name is a built-in reward
+    # (fdfo.rewards), "remote" (a reward server, its URL in paths.remote), or module.path:Name for a
+    # reward of your own (a class or factory; examples/my_reward.py).
     weights: dict[str, float] = field(
         default_factory=lambda: {"pickscore": 1.0, "vlm_alignment": 0.1},
         metadata=check(Rule(lambda w: any(v != 0 for v in w.values()),
                             "a mapping with at least one non-zero weight, e.g. {pickscore: 1.0}")))
-    # Name -> weights path (directory or hub id); "builtin" for the digits task's models;
+    # Name -> weights path (directory or hub id); "builtin" for the digits task's models; for "remote" the
+    # server's URL (http://HOST:PORT); for module.path:Name whatever its factory takes as `path`;
     # absent = the published weights (hub ids of PickScore, Qwen2.5-VL-7B-Instruct, CLIP).
     paths: dict[str, str] = field(default_factory=dict)
     batch_size: int = field(default=8, metadata=check(at_least(1)))  # images per reward-model forward
@@ -223,7 +226,7 @@ class EvalConfig:
     every: int = field(default=5, metadata=check(at_least(0)))  # epochs; 0 = never
     num_images: int = field(default=64, metadata=check_when("every", at_least(1)))  # images per evaluation
     seed: int = 1234  # the evaluation set's seed
-    # Rewards/metrics averaged over the evaluation set, by name.
+    # Rewards/metrics averaged over the evaluation set, by name (as in reward.weights, module.path:Name too).
     metrics: list[str] = field(default_factory=list)
 
 

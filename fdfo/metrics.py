@@ -17,13 +17,18 @@ from fdfo.rewards import DIVERSITY_METRICS, RewardUnavailable, build_diversity, 
 
 
 def check_metric_names(names: list[str]) -> None:
-    """A one-line error for the first name that is neither a reward nor a diversity metric."""
-    from fdfo.rewards import reward_factories
+    """A one-line error for the first name that is neither a reward nor a diversity metric. A reward from
+    outside the package (``module.path:Name``, as a run's reward.weights may hold) is resolved here, so
+    that a spec that does not import is refused before any model loads."""
+    from fdfo.rewards import plugin, reward_factories
 
     known = [*sorted(reward_factories()), *DIVERSITY_METRICS]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown metric '{unknown[0]}'; available metrics: {', '.join(known)}")
+    for name in names:
+        if plugin.is_spec(name):
+            plugin.resolve(name)
+        elif name not in known:
+            raise ValueError(f"unknown metric '{name}'; available metrics: {', '.join(known)}, "
+                             "or module.path:Name for a reward of your own")
 
 
 def metric_paths(specs: list[str], metrics: list[str], run_config: dict | None) -> dict[str, str]:

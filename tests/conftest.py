@@ -21,6 +21,21 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _bind_library_log_handlers() -> None:
+    """diffusers and transformers give their root logger a stream handler on the stderr of the moment they
+    are first imported. Bound here, at collection, that is the session's stderr; first imported inside a
+    test that captures stderr (capsys), it would be that test's capture, closed when the test ends, and
+    every later library warning would print a 'Logging error' traceback into another test's output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers")
+    transformers_logging.get_logger("transformers")
+
+
+_bind_library_log_handlers()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the first-run path that `make smoke` checks against the newest "
                                        "releases setup.py allows (tests/test_smoke.py)")

@@ -229,3 +229,42 @@ def test_builtin_digits_model_generate_and_evaluate(tmp_path, digit_reward_dir):
     for entry in res["metrics"].values():
         assert 0 <= entry["base"] <= 1 and 0 <= entry["checkpoint"] <= 1
     assert (out / "report.png").is_file() and (out / "report.html").is_file()
+
+
+def test_evaluate_scores_a_run_trained_on_an_outside_reward(run_dir, prompt_file, tmp_path):
+    """A run whose reward.weights names a reward of the user's own (module.path:Name) is evaluated on it by
+    default: the metric is that reward's score of each saved image (recomputed here from the PNGs)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fdfo.evaluate import main
+    from tests.test_reward_plugins import SPEC
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state_file = run / "checkpoints" / "epoch_0001" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["reward"]["weights"] = {SPEC: 1.0}
+    state["config"]["eval"]["metrics"] = []
+    state_file.write_text(json.dumps(state))
+    out = tmp_path / "eval"
+    assert main(["--adapter", str(run), "--prompts", str(prompt_file), "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["metrics"]) == [SPEC]
+    for variant in ("base", "checkpoint"):
+        # Brightness: the image's mean value plus 0.01 per prompt character (PNGs hold it to 1/255).
+        want = [float(np.asarray(Image.open(out / "images" / variant / f"p{i:04d}_s0.png"), dtype=np.float64).mean())
+                / 255 + len(p) / 100 for i, p in enumerate(DIGITS)]
+        assert res["metrics"][SPEC][variant] == pytest.approx(sum(want) / len(want), abs=2 / 255)
+    assert res["metrics"][SPEC]["base"] != res["metrics"][SPEC]["checkpoint"]
+
+
+def test_an_outside_metric_that_does_not_import_is_refused_before_loading(run_dir, prompt_file, tmp_path, capsys):
+    from fdfo.evaluate import main
+
+    assert main(["--adapter", str(run_dir), "--prompts", str(prompt_file), "--metrics", "no_such_module:Reward",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "module 'no_such_module' does not import" in err and "PYTHONPATH" in err

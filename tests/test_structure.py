@@ -13,7 +13,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fdfo"
-COMMANDS = {"fdfo.train", "fdfo.generate", "fdfo.evaluate", "fdfo.evaluate_protocol"}
+COMMANDS = {"fdfo.train", "fdfo.generate", "fdfo.evaluate", "fdfo.evaluate_protocol", "fdfo.export",
+            "fdfo.rewards.serve"}
 
 
 def module_files() -> dict[str, Path]:
