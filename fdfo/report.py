@@ -40,12 +40,14 @@ class RunReport:
         self._file = open(self.out_dir / "metrics.jsonl", "a" if resumed else "w")
         self._trackers = Trackers(self.out_dir, cfg, resumed)
 
-    def resume(self, history: list[dict], epoch: int) -> None:
-        """Continue a run from a checkpoint of ``epoch``: its history, and metrics.jsonl without the
-        lines of later epochs (which the resumed run writes again), so the log has no duplicates."""
+    def resume(self, history: list[dict], epoch: int, step: int) -> None:
+        """Continue a run from a checkpoint of ``epoch`` taken at global step ``step``: its history, and
+        metrics.jsonl without the lines of later epochs (which the resumed run writes again), so the log
+        has no duplicates; the trackers likewise keep nothing past ``step`` twice."""
         self.history = list(history)
         if not self.enabled:
             return
+        self._trackers.resume(step)
         path = self.out_dir / "metrics.jsonl"
         lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
         keep, torn = [], 0

@@ -10,7 +10,8 @@ directory or any model is touched (``fdfo.run_dir.plan`` calls it).
 A wandb run's id is kept in the run directory (``wandb_id``) when it starts, and a resumed run passes
 it back, so the resumed epochs continue the same wandb run. The records a resume repeats (the epochs
 after its checkpoint that the interrupted run had already logged; they repeat exactly) are not sent
-again: wandb takes only steps past the ones it holds.
+again: wandb takes only steps past the ones it holds, and TensorBoard is told to purge the steps past
+the checkpoint's (``purge_step``), so its curves show each step once, as the resumed run logged it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Trackers:
 
     def __init__(self, out_dir: Path, cfg, resumed: bool):
         self._wandb = self._run = self._tb = None
+        self._tb_dir = Path(out_dir) / "tensorboard" if cfg.log.tensorboard else None
+        self._tb_purge: int | None = None  # a resumed run's first step: TensorBoard hides what lies past it
         self._wandb_from = 0  # the first step wandb takes (past the steps a resumed wandb run holds)
         if cfg.log.wandb:
             import wandb
@@ -65,24 +68,33 @@ class Trackers:
             self._run = wandb.init(project=cfg.log.wandb_project, name=cfg.name, config=cfg.to_dict(),
                                    dir=str(out_dir), id=run_id, resume="allow")
             self._wandb_from = int(getattr(self._run, "step", 0) or 0) if resumed else 0
-        if cfg.log.tensorboard:
+
+    def resume(self, step: int) -> None:
+        """The run goes on from a checkpoint taken at global step ``step``: what the interrupted run logged
+        after it is logged again, so TensorBoard purges the steps from ``step + 1`` on (the event file is
+        opened on the first record, with that purge step)."""
+        self._tb_purge = step + 1
+
+    def _writer(self):
+        if self._tb is None and self._tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self._tb_dir), purge_step=self._tb_purge)
+        return self._tb
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._run is not None and step >= self._wandb_from:
             self._run.log(values, step=step)
-        if self._tb is not None:
+        if (writer := self._writer()) is not None:
             for key, value in values.items():
-                self._tb.add_scalar(key, value, step)
+                writer.add_scalar(key, value, step)
 
     def picture(self, tag: str, picture, step: int) -> None:
         """A PIL image under ``tag``."""
         if self._run is not None and step >= self._wandb_from:
             self._run.log({tag: self._wandb.Image(picture)}, step=step)
-        if self._tb is not None:
-            self._tb.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        if (writer := self._writer()) is not None:
+            writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self._run is not None:

@@ -170,7 +170,7 @@ class Trainer:
             self.guard = ResumeGuard(start.checkpoint, state["history"], cfg.checkpoint.resume_guard)
             self.engine.set_hyperparameters(cfg.train)  # the run config's, not the ones saved with the state
             self.epoch, self.global_step = state["epoch"], state["global_step"]
-            self.report.resume(state["history"], self.epoch)
+            self.report.resume(state["history"], self.epoch, self.global_step)
             distributed.print0(f"resumed from {start.checkpoint} at epoch {self.epoch} (learning rate "
                                f"{cfg.train.learning_rate:g})")
 
