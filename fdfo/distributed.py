@@ -177,6 +177,16 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_to_rank0(obj) -> list | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks. Every rank
+    must call it. For small things only (an evaluation grid's cells), not for tensors of a batch."""
+    if not active():
+        return [obj]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
 def fetch_rows(x: torch.Tensor, rows: torch.Tensor, *, into: torch.device | None = None, pin: bool = False,
                chunk_rows: int | None = None, staged: list[int] | None = None) -> torch.Tensor:
     """``gather_rows(x)[rows]``, moving only the rows asked for.

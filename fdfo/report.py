@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdfo import plots
-from fdfo.images import image_grid
+from fdfo import distributed, plots
+from fdfo.images import image_grid, to_uint8
 from fdfo.rewards import weighted_range
 from fdfo.trackers import Trackers
 
@@ -108,13 +108,20 @@ class RunReport:
         self._trackers.picture("samples/pairs", picture, step)
 
     def eval_grid(self, prompts: list[str]) -> EvalGrid | None:
-        """The grid of an evaluation whose images (those this rank draws, in order) have ``prompts``; None
-        where no grid is written (not rank 0, log.plot_every or log.grid_pairs 0)."""
-        return EvalGrid(prompts, self.grid_rows) if self.enabled and self.grid_rows else None
+        """The grid of an evaluation whose images have ``prompts`` (all of them, over every rank); None
+        where no grid is written (log.plot_every or log.grid_pairs 0). The same on every rank: each adds
+        the images it draws."""
+        return EvalGrid(prompts, self.grid_rows) if self.grid_rows else None
 
-    def save_eval_grid(self, grid: EvalGrid, epoch: int, step: int) -> Path:
+    def save_eval_grid(self, grid: EvalGrid, epoch: int, step: int) -> Path | None:
         """``samples/eval_epoch_XXXX.png`` of the evaluation after ``epoch`` (0: the base model), also sent
-        to the trackers at ``step``."""
+        to the trackers at ``step``. Every rank calls it: the cells come together on rank 0, which writes
+        the picture and returns its path (None elsewhere)."""
+        parts = distributed.gather_to_rank0(grid.images)
+        if not self.enabled or parts is None:
+            return None
+        for images in parts:
+            grid.images.update(images)
         path = self.out_dir / "samples" / f"eval_epoch_{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         picture = grid.draw()
@@ -128,8 +135,9 @@ class EvalGrid:
     per prompt (the first ``rows`` distinct prompts, in the evaluation's order), its images left to right
     in that order (each with its fixed seed; ``columns`` at most), each labelled with its reward.
 
-    ``prompts``: those of the images this rank draws (rank 0: the evaluation's first images).
-    ``add`` keeps the images that have a cell, on the CPU."""
+    ``prompts``: those of all the evaluation's images, in order. ``add`` keeps the images that have a
+    cell, on the CPU as 8-bit pixels (what the picture shows), so that gathering a grid's cells from the
+    ranks that drew them moves little."""
 
     def __init__(self, prompts: list[str], rows: int, columns: int = GRID_COLUMNS):
         self.prompts = list(dict.fromkeys(prompts))[:rows]
@@ -141,13 +149,13 @@ class EvalGrid:
                 self.cells[i] = (row_of[q], filled[row_of[q]])
                 filled[row_of[q]] += 1
         self.columns = max(filled, default=0)
-        self.images: dict[int, tuple[torch.Tensor, float]] = {}
+        self.images: dict[int, tuple[torch.Tensor, float]] = {}  # image index -> (uint8 [C, H, W], reward)
 
     def add(self, indices: list[int], images: torch.Tensor, rewards: torch.Tensor) -> None:
-        """Images [B, C, H, W] of the evaluation's images ``indices``, with their rewards [B]."""
+        """Images [B, C, H, W] in [0, 1] of the evaluation's images ``indices``, with their rewards [B]."""
         for k, i in enumerate(indices):
             if i in self.cells:
-                self.images[i] = (images[k].detach().cpu(), float(rewards[k]))
+                self.images[i] = (to_uint8(images[k]).cpu(), float(rewards[k]))
 
     def draw(self):
         """The grid as a PIL image (a cell whose image was not added stays blank)."""
@@ -155,7 +163,7 @@ class EvalGrid:
         captions = [[""] * self.columns for _ in self.prompts]
         for i, (image, reward) in self.images.items():
             r, c = self.cells[i]
-            cells[r][c], captions[r][c] = image, f"R={reward:.3f}"
+            cells[r][c], captions[r][c] = image.float() / 255, f"R={reward:.3f}"
         return image_grid(cells, self.prompts, [f"seed #{c + 1}" for c in range(self.columns)], captions)
 
 

@@ -311,7 +311,8 @@ class Trainer:
         distance per pixel value between its images (values in [0, 1], images area-downsampled to at
         most 64×64 pixels), averaged over those prompts; absent when no prompt has 2 images. A reward
         can be bought by drawing one image per prompt: this says whether the images still differ.
-        Rank 0 saves a grid of its first images (``samples/eval_epoch_XXXX.png``, fdfo.report.EvalGrid)."""
+        Rank 0 saves a grid of the first prompts' images, whichever rank drew them
+        (``samples/eval_epoch_XXXX.png``, fdfo.report.EvalGrid)."""
         cfg = self.cfg.eval
         n = cfg.num_images
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
@@ -321,7 +322,7 @@ class Trainer:
         idx = [(self.rank * per_rank + j) % n for j in range(per_rank)]
         is_valid = [self.rank * per_rank + j < n for j in range(per_rank)]
         valid = torch.tensor(is_valid, device=self.device)
-        grid = self.report.eval_grid(prompts[:per_rank])  # rank 0's images (its idx: 0, 1, ...); elsewhere None
+        grid = self.report.eval_grid(prompts)  # each rank adds the images it draws; rank 0 saves them all
         # Per-prompt sums for the diversity, over the prompts drawn at least twice (the same on every rank).
         counts: dict[str, int] = {}
         for q in prompts:
@@ -345,7 +346,8 @@ class Trainer:
                 rewards = self.reward(p, images)[0]
                 sums["reward"] += float((rewards * mask).sum())
                 if grid is not None:
-                    grid.add(chunk, images, rewards)
+                    drawn = [k for k in range(len(chunk)) if is_valid[i + k]]  # (not the padding's repeats)
+                    grid.add([chunk[k] for k in drawn], images[drawn], rewards[drawn])
                 for name, metric in self.eval_metrics.items():
                     sums[name] += float((metric(p, images).float() * mask).sum())
                 if slot:

@@ -262,3 +262,23 @@ def test_two_nodes_train_save_and_resume_like_one_node(tmp_path, tiny_pipeline_d
     launch_nodes(2, cfg, tmp_path, "--resume", str(ckpt))
     for k in w_one:
         assert torch.equal(adapter(resumed, 2)[k], adapter(nodes, 2)[k]), k
+
+
+def test_the_evaluation_grid_of_two_ranks_is_the_grid_of_one(tmp_path, tiny_pipeline_dir, digit_reward_dir,
+                                                             odd_prompts):
+    """The base model's evaluation grid holds the same cells whichever rank drew each image: on 2 ranks it
+    is the 1-rank picture (same size, the same pixels but for rounding of the differently batched maths)."""
+    import numpy as np
+    from PIL import Image
+
+    pictures = []
+    for ranks in (1, 2):
+        run = tmp_path / f"on_{ranks}"
+        cfg = with_overrides(_cfg(run, tiny_pipeline_dir, digit_reward_dir, odd_prompts, epochs=1), {
+            "eval": {"every": 1, "num_images": 10, "metrics": []},
+            "log": {"plot_every": 1, "grid_pairs": 3}, "checkpoint": {"every": 0}})
+        launch(ranks, cfg, tmp_path)
+        pictures.append(np.asarray(Image.open(run / "samples" / "eval_epoch_0000.png"), dtype=np.int16))
+    one, two = pictures
+    assert one.shape == two.shape
+    assert np.abs(one - two).max() <= 2 and np.abs(one - two).mean() < 0.05
