@@ -12,7 +12,13 @@ checkpoint and every published adapter holds.
   ``.lora_down.weight`` (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``) and ``.alpha``, the module
   paths being diffusers' (``transformer_blocks.0.attn.to_q``). The loader scales a module by
   ``alpha / rank``, so ``alpha`` is written to give peft's own scale (rsLoRA's ``alpha / sqrt(rank)`` too).
-  FLUX.1 adapters are refused: the kohya files for FLUX.1 name BFL's fused modules, not diffusers'.
+  (FLUX.1) one ``.safetensors`` file in kohya's FLUX.1 layout, which ComfyUI, Forge and diffusers'
+  ``FluxPipeline.load_lora_weights(file)`` read: BFL's module names (``lora_unet_double_blocks_<i>_img_attn_qkv``,
+  ``lora_unet_single_blocks_<i>_linear1``, ...), where one fused module holds several of diffusers'
+  stacked along its output (``FLUX_DOUBLE``, ``FLUX_SINGLE``). The fused module's LoRA is exact: its
+  ``lora_down`` is the pieces' ``lora_A`` one above the other, its ``lora_up`` the pieces' ``lora_B`` on the
+  block diagonal (zeros for a piece the adapter leaves alone), so its rank is the pieces' count times the
+  adapter's, and ``alpha`` is scaled with it. An adapter is FLUX.1's when it adapts single-stream blocks.
 * ``diffusers``: a directory with ``pytorch_lora_weights.safetensors`` (``transformer.<module>.lora_A``
   keys and the adapter's config as metadata), what ``save_lora_weights`` writes and
   ``StableDiffusion3Pipeline``/``FluxPipeline.load_lora_weights(dir)`` load.
@@ -34,6 +40,21 @@ from fdfo.trained_checkpoint import LORA_FILE, resolve_checkpoint
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = "lora_transformer_"
+# FLUX.1 in kohya's layout: BFL's module of a block -> the diffusers modules it fuses, in its output order.
+FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+FLUX_BLOCKS = (("transformer_blocks.", "lora_unet_double_blocks_", FLUX_DOUBLE),
+               ("single_transformer_blocks.", "lora_unet_single_blocks_", FLUX_SINGLE))
+FLUX_MLP_RATIO = 4  # FLUX.1's MLP width over its hidden size (a single block's proj_mlp outputs)
 
 
 def find_adapter(spec: str) -> Path:
@@ -71,11 +92,10 @@ def pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch
 
 
 def kohya_state(adapter: adapters.PeftAdapter) -> dict[str, torch.Tensor]:
-    """The kohya/ComfyUI single-file state of an SD3 adapter (see the module's docstring)."""
+    """The kohya/ComfyUI single-file state of an SD3 or FLUX.1 adapter (see the module's docstring)."""
     modules = pairs(adapter.state)
     if any(m.startswith("single_transformer_blocks.") for m in modules):
-        raise adapters.AdapterError(f"'{adapter.path}' is a FLUX.1 adapter: its kohya format names BFL's fused "
-                                    "modules, which fdfo does not write; use --format diffusers or peft")
+        return flux_kohya_state(adapter, modules)
     alpha = lora_scale(adapter.config) * adapter.rank
     out = {}
     for module, (down, up) in modules.items():
@@ -84,6 +104,56 @@ def kohya_state(adapter: adapters.PeftAdapter) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
+
+
+def flux_kohya_state(adapter: adapters.PeftAdapter, modules: dict) -> dict[str, torch.Tensor]:
+    """A FLUX.1 adapter in kohya's layout of BFL's fused modules (see the module's docstring). A module
+    that layout has no place for (outside the blocks, or not one of ``FLUX_DOUBLE``/``FLUX_SINGLE``'s) is
+    refused with its name."""
+    scale, rank = lora_scale(adapter.config), adapter.rank
+    blocks: dict[tuple[str, str], dict[str, tuple]] = {}  # (BFL prefix, block index) -> piece -> (A, B)
+    for module, weights in modules.items():
+        for diffusers_prefix, prefix, table in FLUX_BLOCKS:
+            index, _, piece = module.removeprefix(diffusers_prefix).partition(".")
+            if module.startswith(diffusers_prefix) and index.isdigit() and any(piece in p for p in table.values()):
+                blocks.setdefault((prefix, index), {})[piece] = weights
+                break
+        else:
+            raise adapters.AdapterError(f"'{adapter.path}' adapts '{module}', which kohya's FLUX.1 layout has no "
+                                        "module for; export it with --format diffusers or peft")
+    out = {}
+    for (prefix, index), present in blocks.items():
+        table = FLUX_DOUBLE if prefix.endswith("double_blocks_") else FLUX_SINGLE
+        down, _ = next(iter(present.values()))
+        hidden = down.shape[1]
+        for fused, pieces in table.items():
+            if not any(p in present for p in pieces):
+                continue
+            downs, ups = [], []
+            for piece in pieces:
+                if piece in present:
+                    a, b = present[piece]
+                else:  # a piece left alone: a zero block of its output width
+                    a = torch.zeros(rank, hidden, dtype=down.dtype)
+                    b = torch.zeros(_flux_width(piece, hidden, present), rank, dtype=down.dtype)
+                downs.append(a)
+                ups.append(b)
+            name = f"{prefix}{index}_{fused}"
+            out[f"{name}.lora_down.weight"] = torch.cat(downs).contiguous()
+            out[f"{name}.lora_up.weight"] = torch.block_diag(*ups).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(scale * rank * len(pieces), dtype=torch.float32)
+    return out
+
+
+def _flux_width(piece: str, hidden: int, present: dict) -> int:
+    """The output width of a FLUX.1 block's module that the adapter leaves alone: an attention projection's
+    is the hidden size; a single block's proj_mlp's is what its proj_out takes beyond the attention's (when
+    proj_out is adapted), else FLUX.1's MLP ratio times the hidden size."""
+    if piece != "proj_mlp":
+        return hidden
+    if "proj_out" in present:
+        return present["proj_out"][0].shape[1] - hidden
+    return FLUX_MLP_RATIO * hidden
 
 
 def export(source: Path, fmt: str, out: Path) -> Path:
@@ -121,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a run directory, checkpoints/epoch_XXXX, an adapter folder or "
                                        "owner/name/subfolder on the hub")
     parser.add_argument("--format", required=True, choices=FORMATS, help="kohya: one .safetensors file (ComfyUI, "
-                        "SD3); diffusers: pytorch_lora_weights.safetensors in --out; peft: the peft files in --out")
+                        "SD3 and FLUX.1); diffusers: pytorch_lora_weights.safetensors in --out; peft: the peft "
+                        "files in --out")
     parser.add_argument("--out", required=True, type=Path, help="the file (kohya) or directory to write")
     args = parser.parse_args(argv)
     try:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -98,3 +101,116 @@ def test_export_mistakes_are_one_line_errors(adapter_run, tmp_path, capsys):
     assert "invalid choice: 'a1111'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown export format 'a1111'"):
         export.export(export.find_adapter(str(run)), "a1111", tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- FLUX.1 in kohya's layout
+
+
+def _flux_adapter(modules: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int):
+    """A peft adapter in memory: module -> (in, out) features, random non-zero lora_A/lora_B."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from fdfo.adapters import PeftAdapter
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, (fan_in, fan_out) in modules.items():
+        state[f"{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.1
+        state[f"{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.1
+    return PeftAdapter(path=Path("flux_adapter"), config=PeftLoraConfig(r=rank, lora_alpha=alpha), state=state)
+
+
+def test_flux_kohya_state_is_what_diffusers_converter_reads_back(tmp_path):
+    """A FLUX.1 [dev]-sized double block and single block (hidden 3072, MLP 12288: the sizes diffusers'
+    converter of kohya's FLUX.1 files assumes): every module's update alpha/rank * up @ down, as that
+    converter splits the fused modules again, equals the adapter's scale * B @ A (on random vectors, in
+    float64); the single block's proj_mlp, which the adapter leaves alone, gets a zero update."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    hidden, mlp = 3072, 12288
+    rank, alpha = random.choice([(2, 3.0), (4, 2.0)])
+    double = {f"transformer_blocks.0.{m}": (hidden, hidden) for m in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+        "attn.add_v_proj", "attn.to_add_out")}
+    single = {f"single_transformer_blocks.0.attn.{m}": (hidden, hidden) for m in ("to_q", "to_k", "to_v")}
+    adapter = _flux_adapter({**double, **single, "single_transformer_blocks.0.proj_out": (hidden + mlp, hidden)},
+                            rank, alpha, seed=random.randrange(2**31))
+    state = export.kohya_state(adapter)
+    assert sorted({k.split(".")[0] for k in state}) == [
+        "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_0_txt_attn_proj", "lora_unet_double_blocks_0_txt_attn_qkv",
+        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"]
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(state))
+    scale = alpha / rank
+    for module in adapter.state:
+        if not module.endswith(".lora_A.weight"):
+            continue
+        name = module.removesuffix(".lora_A.weight")
+        a, b = (adapter.state[f"{name}.lora_{p}.weight"].double() for p in "AB")
+        x = torch.randn(a.shape[1], 3, dtype=torch.float64)
+        got_a, got_b = (converted[f"transformer.{name}.lora_{p}.weight"].double() for p in "AB")
+        torch.testing.assert_close(got_b @ (got_a @ x), scale * b @ (a @ x), rtol=1e-5, atol=1e-7)
+    mlp_a = converted["transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight"]
+    mlp_b = converted["transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"]
+    assert mlp_b.shape == (mlp, rank) and not (mlp_b @ mlp_a).any()
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from fdfo.models.tiny import build_tiny_flux_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_flux")
+    build_tiny_flux_pipeline(num_layers=2, num_single_layers=2, max_text_tokens=16, seed=4).save_pretrained(out)
+    return out
+
+
+def flux_outputs(transformer) -> torch.Tensor:
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(0)
+    tokens, text = 16, 5
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(2, tokens, cfg.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(2, text, cfg.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([0.3, 0.7]), guidance=torch.tensor([3.5, 3.5]),
+            img_ids=torch.randn(tokens, 3, generator=g), txt_ids=torch.zeros(text, 3), return_dict=False)[0]
+
+
+def test_flux_kohya_file_loads_with_flux_pipelines_load_lora_weights(flux_dir, tmp_path):
+    """A trained-looking FLUX.1 adapter of both streams' attention and the single blocks' output projections,
+    exported as kohya's file, loaded by FluxPipeline.load_lora_weights (diffusers' converter of kohya's
+    FLUX.1 files): the transformer's outputs are the adapter's. (A single block's fused linear1 has FLUX.1's
+    hard-coded sizes in that converter; the test above checks it.)"""
+    from diffusers import FluxPipeline
+
+    from fdfo.models.flux import FluxFlowModel
+
+    model = FluxFlowModel(str(flux_dir), device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=16,
+                          resolution=16)
+    targets = [f"transformer_blocks.{i}.attn.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v", "to_out.0")]
+    model.add_lora(LoraConfig(rank=4, alpha=6.0, target_modules=[*targets, "attn.add_q_proj", "attn.add_k_proj",
+                                                                   "attn.add_v_proj", "attn.to_add_out", "proj_out"]))
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    expected = flux_outputs(model.transformer)
+    adapter_dir = tmp_path / "adapter"
+    model.save_lora(adapter_dir)
+    assert export.main([str(adapter_dir), "--format", "kohya", "--out", str(tmp_path / "flux_lora")]) == 0
+    state = load_file(str(tmp_path / "flux_lora.safetensors"))
+    assert "lora_unet_double_blocks_1_img_attn_qkv.lora_down.weight" in state
+    assert "lora_unet_single_blocks_1_linear2.alpha" in state
+    pipe = FluxPipeline.from_pretrained(str(flux_dir), dtype=torch.float32)
+    base = flux_outputs(pipe.transformer)
+    pipe.load_lora_weights(str(tmp_path / "flux_lora.safetensors"))
+    torch.testing.assert_close(flux_outputs(pipe.transformer), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-3)
+
+
+def test_a_flux_module_outside_kohyas_layout_is_refused_with_its_name():
+    adapter = _flux_adapter({"single_transformer_blocks.0.attn.to_q": (32, 32), "x_embedder": (64, 32)}, 2, 2.0, 0)
+    with pytest.raises(ValueError, match="adapts 'x_embedder', which kohya's FLUX.1 layout has no module for"):
+        export.kohya_state(adapter)
