@@ -305,29 +305,37 @@ def section_kernels(src: Source) -> str:
                                   "triton GB/s", "% of copy", "peak MiB triton / eager"], rows)
 
 
+def sampling_cells(r: dict, reference) -> list:
+    """The measured cells of a sampling result, in ``SAMPLING_COLUMNS``' order after its own keys: images/s
+    as a ratio to ``reference`` (images/s), or 'skipped' and why."""
+    if "images_per_s" not in r:
+        return ["skipped"] + ["–"] * (len(SAMPLING_COLUMNS) - 2) + [r.get("skipped", "")]
+    return [r.get("mode", "–"), num(r["images_per_s"]), rate(r["images_per_s"], reference), num(r.get("tflops")),
+            pct(r.get("mfu")), num(r.get("warmup_s")), num(r.get("peak_gib")),
+            {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "–"), ""]
+
+
+SAMPLING_COLUMNS = ["mode", "images/s", "× {}", "TFLOP/s", "MFU", "warm-up s", "peak GiB", "bit-equal to eager",
+                    "note"]
+
+
+def sampling_columns(reference: str) -> list[str]:
+    return [c.format(reference) for c in SAMPLING_COLUMNS]
+
+
 def section_sampling(src: Source, part: str) -> str:
     data = src.get(f"{part}.json")
     if not data:
         return ""
     res = data.get("results", [])
     ref = {(r["cfg"], r["rows"]): r["images_per_s"] for r in res if r["variant"] == "published" and "images_per_s" in r}
-    rows = []
-    for r in res:
-        cfg = "on" if r.get("cfg") else "off"
-        if "images_per_s" not in r:
-            rows.append([cfg, r["rows"], r["variant"], "skipped", "–", "–", "–", "–", "–", "–", r.get("skipped", "")])
-            continue
-        base = ref.get((r["cfg"], r["rows"]))
-        rows.append([cfg, r["rows"], r["variant"], r.get("mode", "–"), num(r["images_per_s"]),
-                     f"{r['images_per_s'] / base:.2f}×" if base else "–", pct(r.get("mfu")),
-                     {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "–"),
-                     num(r.get("warmup_s")), num(r.get("peak_gib")), ""])
+    rows = [["on" if r.get("cfg") else "off", r["rows"], r["variant"],
+             *sampling_cells(r, ref.get((r["cfg"], r["rows"])))] for r in res]
     a = data.get("args", {})
     head = (f"{data.get('device', '?')}, {a.get('arch', '?')}, {a.get('latent', '?')}² latents, {a.get('steps', '?')} "
             f"steps, LoRA r={a.get('lora', '?')}, {a.get('text_tokens', '?')} text tokens, "
             f"{a.get('repeats', '?')} timed repeat(s)")
-    return head + "\n\n" + table(["CFG", "rows", "variant", "mode", "images/s", "× published", "MFU",
-                                  "bit-equal to eager", "warm-up s", "peak GiB", "note"], rows)
+    return head + "\n\n" + table(["CFG", "rows", "variant", *sampling_columns("published")], rows)
 
 
 def section_quick_sampling(src: Source) -> str:
@@ -338,24 +346,15 @@ def section_quick_sampling(src: Source) -> str:
     res = data.get("results", [])
     done = [r for r in res if "images_per_s" in r]
     eager = {r["lora"]: r["images_per_s"] for r in done if r["variant"] == "eager"}
-    rows = []
-    for r in res:
-        lora = f"r={r['lora']}" if r.get("lora") else "none"
-        if "images_per_s" not in r:
-            rows.append([lora, r["variant"], "skipped"] + ["–"] * 7 + [r.get("skipped", "")])
-            continue
-        rows.append([lora, r["variant"], r.get("mode", "–"), num(r["images_per_s"]),
-                     rate(r["images_per_s"], eager.get(r["lora"])), num(r.get("tflops")), pct(r.get("mfu")),
-                     num(r.get("warmup_s")), num(r.get("peak_gib")),
-                     {True: "yes", False: "no"}.get(r.get("bitwise_equal_eager"), "–"), ""])
+    rows = [[f"r={r['lora']}" if r.get("lora") else "none", r["variant"], *sampling_cells(r, eager.get(r["lora"]))]
+            for r in res]
     a = data.get("args", {})
     head = (f"{data.get('device', '?')}, {a.get('arch', '?')}, {a.get('latent', '?')}² latents, {a.get('rows', '?')} rows, "
             f"CFG off, {a.get('text_tokens', '?')} text tokens, {a.get('steps', '?')} steps, "
             f"{a.get('repeats', '?')} timed repeat(s), compile: {a.get('compile', '?')}; LoRA weights "
             f"{data.get('lora_dtype', '?')}. Mode `graph`: the step was captured and replayed; `eager`: it was not "
             "(the log says why). Warm-up: buffers, capture and compilation.")
-    out = head + "\n\n" + table(["LoRA", "variant", "mode", "images/s", "× eager", "TFLOP/s", "MFU", "warm-up s",
-                                 "peak GiB", "bit-equal to eager", "note"], rows)
+    out = head + "\n\n" + table(["LoRA", "variant", *sampling_columns("eager")], rows)
     by = {(r["lora"], r["variant"]): r["images_per_s"] for r in done}
     ranks = sorted({r["lora"] for r in done if r.get("lora")})
     cost = [f"{v} {rate(by[(k, v)], by.get((0, v)))}" for k in ranks for v in dict.fromkeys(r["variant"] for r in done)
