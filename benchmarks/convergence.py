@@ -156,7 +156,10 @@ def execute(method: str, overrides: dict, seed: int, epochs: int, out: Path, ext
         cmd.append("--overwrite")
     print(f"[convergence] {run_dir.name}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:
+        raise SystemExit(f"convergence: the run {run_dir.name} failed (exit code {code}); its output above says "
+                         f"why. Command: {' '.join(cmd)}")
     done.write_text(json.dumps({"seconds": time.time() - t0, "cmd": cmd}))
     return run_dir
 
