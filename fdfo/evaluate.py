@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fdfo.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     cli.add_source_arguments(p, " (none: evaluate the base model only)")
-    p.add_argument("--metrics", nargs="+", help="reward names (built-in or module.path:Name) and/or diversity metrics (" + ", ".join(DIVERSITY_METRICS)
-                   + "; default: the run config's rewards and eval metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
+    p.add_argument("--metrics", nargs="+", help="reward names (built-in or module.path:Name) and/or diversity "
+                   "metrics (" + ", ".join(DIVERSITY_METRICS) + "; default: the run config's rewards and eval "
+                   "metrics, else " + " ".join(PUBLISHED_METRICS) + ")")
     p.add_argument("--repeats", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-base", action="store_true", help="only the checkpoint")

@@ -18,7 +18,10 @@ checkpoint and every published adapter holds.
   stacked along its output (``FLUX_DOUBLE``, ``FLUX_SINGLE``). The fused module's LoRA is exact: its
   ``lora_down`` is the pieces' ``lora_A`` one above the other, its ``lora_up`` the pieces' ``lora_B`` on the
   block diagonal (zeros for a piece the adapter leaves alone), so its rank is the pieces' count times the
-  adapter's, and ``alpha`` is scaled with it. An adapter is FLUX.1's when it adapts single-stream blocks.
+  adapter's, and ``alpha`` is scaled with it. An adapter is FLUX.1's when it adapts single-stream blocks
+  or when its checkpoint's run config names a FLUX.1 base. (One that adapts only double-stream blocks,
+  outside an fdfo checkpoint, cannot be told from an SD3 adapter: it is written in the SD3 layout above,
+  which ComfyUI also reads for FLUX.1.)
 * ``diffusers``: a directory with ``pytorch_lora_weights.safetensors`` (``transformer.<module>.lora_A``
   keys and the adapter's config as metadata), what ``save_lora_weights`` writes and
   ``StableDiffusion3Pipeline``/``FluxPipeline.load_lora_weights(dir)`` load.
@@ -32,11 +35,12 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from fdfo import adapters
-from fdfo.trained_checkpoint import LORA_FILE, resolve_checkpoint
+from fdfo.trained_checkpoint import LORA_FILE, Checkpoint, resolve_checkpoint
 
 FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_PREFIX = "lora_transformer_"
@@ -57,9 +61,9 @@ FLUX_BLOCKS = (("transformer_blocks.", "lora_unet_double_blocks_", FLUX_DOUBLE),
 FLUX_MLP_RATIO = 4  # FLUX.1's MLP width over its hidden size (a single block's proj_mlp outputs)
 
 
-def find_adapter(spec: str) -> Path:
-    """The peft adapter directory of a run, checkpoint, adapter folder or hub adapter; a source without one
-    is a FileNotFoundError naming it."""
+def find_adapter(spec: str) -> Checkpoint:
+    """The checkpoint of a run, checkpoint, adapter folder or hub adapter, whose ``path`` is a peft adapter
+    directory; a source without one is a FileNotFoundError naming it."""
     ckpt = resolve_checkpoint(spec)
     if ckpt.kind != "lora":
         raise FileNotFoundError(f"'{spec}' holds a fully fine-tuned transformer ({ckpt.path}), not a LoRA adapter: "
@@ -67,7 +71,22 @@ def find_adapter(spec: str) -> Path:
     if not adapters.is_peft_adapter(ckpt.path):
         raise FileNotFoundError(f"'{ckpt.path}' has no {adapters.CONFIG_FILE} + {adapters.WEIGHTS_FILE}: give an "
                                 "fdfo checkpoint's adapter/ or a peft adapter folder")
-    return ckpt.path
+    return ckpt
+
+
+def trained_on_flux(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint's run config names a FLUX.1 base (False when it has none or the base's
+    model_index.json cannot be read now)."""
+    model = (ckpt.run_config or {}).get("model") or {}
+    if not model.get("path"):
+        return False
+    from fdfo.models import family_for
+    from fdfo.models.flux import FluxFlowModel
+
+    try:
+        return family_for(SimpleNamespace(path=model["path"], revision=model.get("revision"))) is FluxFlowModel
+    except (OSError, ValueError):  # (a base that moved, or a hub id offline: the module names decide)
+        return False
 
 
 def lora_scale(config) -> float:
@@ -91,10 +110,11 @@ def pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch
     return out
 
 
-def kohya_state(adapter: adapters.PeftAdapter) -> dict[str, torch.Tensor]:
-    """The kohya/ComfyUI single-file state of an SD3 or FLUX.1 adapter (see the module's docstring)."""
+def kohya_state(adapter: adapters.PeftAdapter, flux: bool = False) -> dict[str, torch.Tensor]:
+    """The kohya/ComfyUI single-file state of an SD3 or FLUX.1 adapter (see the module's docstring);
+    ``flux``: the adapter is known to be FLUX.1's."""
     modules = pairs(adapter.state)
-    if any(m.startswith("single_transformer_blocks.") for m in modules):
+    if flux or any(m.startswith("single_transformer_blocks.") for m in modules):
         return flux_kohya_state(adapter, modules)
     alpha = lora_scale(adapter.config) * adapter.rank
     out = {}
@@ -124,11 +144,11 @@ def flux_kohya_state(adapter: adapters.PeftAdapter, modules: dict) -> dict[str, 
     out = {}
     for (prefix, index), present in blocks.items():
         table = FLUX_DOUBLE if prefix.endswith("double_blocks_") else FLUX_SINGLE
-        down, _ = next(iter(present.values()))
-        hidden = down.shape[1]
         for fused, pieces in table.items():
             if not any(p in present for p in pieces):
                 continue
+            down = present[next(p for p in pieces if p in present)][0]
+            hidden = down.shape[1]  # (the fused module's input: that of each of its pieces)
             downs, ups = [], []
             for piece in pieces:
                 if piece in present:
@@ -156,10 +176,12 @@ def _flux_width(piece: str, hidden: int, present: dict) -> int:
     return FLUX_MLP_RATIO * hidden
 
 
-def export(source: Path, fmt: str, out: Path) -> Path:
-    """Write the peft adapter at ``source`` as ``fmt`` to ``out`` (a file for kohya, else a directory);
+def export(ckpt: Checkpoint, fmt: str, out: Path) -> Path:
+    """Write the checkpoint's peft adapter as ``fmt`` to ``out`` (a file for kohya, else a directory);
     returns the file or directory written."""
     from safetensors.torch import save_file
+
+    source = ckpt.path
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -173,7 +195,7 @@ def export(source: Path, fmt: str, out: Path) -> Path:
         if out.suffix != ".safetensors":
             out = out / "lora.safetensors" if out.is_dir() else out.with_name(out.name + ".safetensors")
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(kohya_state(adapter), str(out), metadata={"format": "pt"})
+        save_file(kohya_state(adapter, flux=trained_on_flux(ckpt)), str(out), metadata={"format": "pt"})
         return out
     from diffusers.loaders import SD3LoraLoaderMixin
 

@@ -13,20 +13,20 @@ import importlib.util
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] -> 8-bit pixels (clamped, rounded to nearest), on the same device."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] -> 8-bit pixel values (clamped, rounded to nearest) of the same shape and device:
+    what saving them as a PNG keeps."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def to_pil(image: torch.Tensor, min_side: int = 0):
     """[C, H, W] in [0, 1] -> PIL image (grey for one channel), upscaled (nearest) to at least min_side."""
     from PIL import Image
 
-    arr = to_uint8(image).cpu().numpy()
+    arr = quantize(image).cpu().numpy()
     pil = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
     if min_side and min(pil.size) < min_side:
         k = math.ceil(min_side / min(pil.size))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fdfo import distributed, plots
-from fdfo.images import image_grid, to_uint8
+from fdfo.images import image_grid, quantize
 from fdfo.rewards import weighted_range
 from fdfo.trackers import Trackers
 
@@ -155,7 +155,7 @@ class EvalGrid:
         """Images [B, C, H, W] in [0, 1] of the evaluation's images ``indices``, with their rewards [B]."""
         for k, i in enumerate(indices):
             if i in self.cells:
-                self.images[i] = (to_uint8(images[k]).cpu(), float(rewards[k]))
+                self.images[i] = (quantize(images[k]).cpu(), float(rewards[k]))
 
     def draw(self):
         """The grid as a PIL image (a cell whose image was not added stays blank)."""

@@ -73,6 +73,7 @@ class Trackers:
         """The run goes on from a checkpoint taken at global step ``step``: what the interrupted run logged
         after it is logged again, so TensorBoard purges the steps from ``step + 1`` on (the event file is
         opened on the first record, with that purge step)."""
+        assert self._tb is None, "resume() comes before anything is logged (the event file opens with the purge)"
         self._tb_purge = step + 1
 
     def _writer(self):

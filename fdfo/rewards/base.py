@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fdfo import hub
+from fdfo.images import quantize
 
 
 class RewardUnavailable(FileNotFoundError):
@@ -82,7 +83,7 @@ def to_uint8(images: Tensor) -> Tensor:
         raise ValueError(f"expected images [B, 1|3, H, W] in [0, 1], got shape {tuple(images.shape)}")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return quantize(images).cpu()
 
 
 class FrozenRewardModel:
