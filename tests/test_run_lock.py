@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Takes the lock of argv[1] once argv[2] exists (so that several start at the same instant), says so, then
 # sleeps argv[3] seconds and exits normally. A refusal: the one line on stderr, exit status 3.
 HOLDER = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as in a terminal: a test suite started in the background by a non-interactive shell passes its
+# processes SIGINT ignored, and Python then never raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 from fdfo import run_lock
 if len(sys.argv) > 4:
