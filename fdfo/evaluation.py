@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed, inference, progress
-from fdfo.images import image_grid, to_pil
+from fdfo.images import image_grid, quantize, to_pil
 from fdfo.rewards import DIVERSITY_METRICS, mean_pairwise_distance, report_nonfinite
 from fdfo.trained_checkpoint import Checkpoint
 
@@ -63,7 +63,7 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], metrics: dict, s
             sums[i] += torch.where(finite, scores[k], 0.0).double()
             counts[i] += finite.float()
             if i < shown_p and r < shown_r:
-                report_images[i, r] = (images[k].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                report_images[i, r] = quantize(images[k]).cpu()
                 report_scores[i, r] = scores[k]
     shown.close()
     for (i, d), embs in embeddings.items():
@@ -122,7 +122,7 @@ def write_report(out: Path, prompts: list[str], seeds: list[int], variants: dict
         row, cap, cell = [], [], []
         for v, res in variants.items():
             for r in range(shown_r):
-                img = res["report_images"][i, r].float() / 255
+                img = res["report_images"][i, r]
                 name = f"images/{v}/p{i:04d}_s{seeds[r]}.png"
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 to_pil(img).save(out / name)

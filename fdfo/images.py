@@ -23,10 +23,11 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(image: torch.Tensor, min_side: int = 0):
-    """[C, H, W] in [0, 1] -> PIL image (grey for one channel), upscaled (nearest) to at least min_side."""
+    """[C, H, W] in [0, 1], or 8-bit pixels as ``quantize`` gives them (uint8, taken as they are) -> PIL
+    image (grey for one channel), upscaled (nearest) to at least min_side."""
     from PIL import Image
 
-    arr = quantize(image).cpu().numpy()
+    arr = (image if image.dtype == torch.uint8 else quantize(image)).cpu().numpy()
     pil = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
     if min_side and min(pil.size) < min_side:
         k = math.ceil(min_side / min(pil.size))
@@ -36,7 +37,8 @@ def to_pil(image: torch.Tensor, min_side: int = 0):
 
 def image_grid(rows: list[list[torch.Tensor | None]], row_labels: list[str], col_labels: list[str],
                captions: list[list[str]] | None = None, min_side: int = 96, label_width: int = 220):
-    """A labelled grid: rows of images [C, H, W] (None leaves a blank cell), optional caption under each."""
+    """A labelled grid: rows of images [C, H, W] as ``to_pil`` takes them (None leaves a blank cell),
+    optional caption under each."""
     from PIL import Image, ImageDraw
 
     first = next(img for row in rows for img in row if img is not None)

@@ -163,7 +163,7 @@ class EvalGrid:
         captions = [[""] * self.columns for _ in self.prompts]
         for i, (image, reward) in self.images.items():
             r, c = self.cells[i]
-            cells[r][c], captions[r][c] = image.float() / 255, f"R={reward:.3f}"
+            cells[r][c], captions[r][c] = image, f"R={reward:.3f}"
         return image_grid(cells, self.prompts, [f"seed #{c + 1}" for c in range(self.columns)], captions)
 
 
