@@ -143,7 +143,7 @@ def flux_kohya_state(adapter: adapters.PeftAdapter, modules: dict) -> dict[str, 
                                         "module for; export it with --format diffusers or peft")
     out = {}
     for (prefix, index), present in blocks.items():
-        table = FLUX_DOUBLE if prefix.endswith("double_blocks_") else FLUX_SINGLE
+        table = next(t for _, p, t in FLUX_BLOCKS if p == prefix)
         for fused, pieces in table.items():
             if not any(p in present for p in pieces):
                 continue
